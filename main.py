@@ -1,0 +1,694 @@
+"""Barlow Twins pretraining (Zbontar et al., ICML 2021), faithful to the reference ImageNet code.
+
+    python main.py /path/to/imagenet                              # one process per visible GPU
+    python main.py /path/to/imagenet --epochs 1000 --batch-size 2048 --learning-rate 0.2 \\
+        --lambd 0.0051 --projector 8192-8192-8192 --scale-loss 0.024   # the earlier release
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
+        main.py /path/to/imagenet                                 # torchrun, one or many nodes
+    sbatch --nodes 2 --gres gpu:8 --signal USR1@120 --wrap 'srun python main.py /path/to/imagenet'
+    python main.py --demo                                         # built-in synthetic data, CPU ok
+
+Writes checkpoint.pth every epoch (resumed automatically), stats.txt, and at the end <arch>.pth,
+the backbone's state dict (resnet50.pth by default).
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+import torch
+import torch.distributed as dist
+import torchvision
+import torchvision.transforms as transforms
+from torch import nn, optim
+
+import distributed
+from data import InputError, image_folder, make_demo_dataset
+
+ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
+         'wide_resnet101_2', 'resnext50_32x4d', 'resnext101_32x8d', 'resnext101_64x4d')
+
+# What `--demo` changes: a CPU-sized run on the synthetic dataset. Explicit flags still win.
+DEMO_DEFAULTS = dict(arch='resnet18', cifar_stem=True, crop_size=32, projector='512-512-512',
+                     batch_size=64, epochs=4, warmup_epochs=1, workers=2, print_freq=5,
+                     checkpoint_dir=Path('./checkpoint/demo/'))
+DEMO_DATA = Path('./demo_data')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, not argparse's usage block: the flag and the problem.
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text}')
+    return value
+
+
+def get_arguments():
+    parser = ArgumentParser(description='Barlow Twins Training', prog='main.py')
+    parser.add_argument('data', type=Path, metavar='DIR', nargs='?',
+                        help='path to dataset (ImageFolder layout: DIR/train/<class>/<image>)')
+    parser.add_argument('--workers', default=8, type=non_negative_int, metavar='N',
+                        help='number of data loader workers per process')
+    parser.add_argument('--epochs', default=1000, type=positive_int, metavar='N',
+                        help='number of total epochs to run')
+    parser.add_argument('--batch-size', default=2048, type=positive_int, metavar='N',
+                        help='global mini-batch size, divided over the processes')
+    parser.add_argument('--learning-rate-weights', default=None, type=float, metavar='LR',
+                        help='base learning rate for weights (default 0.2)')
+    parser.add_argument('--learning-rate-biases', default=None, type=float, metavar='LR',
+                        help='base learning rate for biases and batch norm parameters '
+                             '(default 0.0048)')
+    parser.add_argument('--learning-rate', default=None, type=float, metavar='LR',
+                        help='earlier release: one base learning rate for all parameters '
+                             '(excludes --learning-rate-weights/--learning-rate-biases)')
+    parser.add_argument('--scale-loss', default=1.0, type=float, metavar='S',
+                        help='earlier release: multiply both loss terms by S (0.024 there)')
+    parser.add_argument('--weight-decay', default=1e-6, type=float, metavar='W',
+                        help='weight decay')
+    parser.add_argument('--lambd', default=0.0051, type=float, metavar='L',
+                        help='weight on off-diagonal terms')
+    parser.add_argument('--projector', default='8192-8192-8192', type=str, metavar='MLP',
+                        help='projector MLP')
+    parser.add_argument('--print-freq', default=100, type=positive_int, metavar='N',
+                        help='print frequency')
+    parser.add_argument('--checkpoint-dir', default=Path('./checkpoint/'), type=Path,
+                        metavar='DIR', help='path to checkpoint directory')
+    # Beyond the reference (README, "Flags beyond the original").
+    parser.add_argument('--arch', default='resnet50', choices=ARCHS,
+                        help='torchvision backbone')
+    parser.add_argument('--cifar-stem', action='store_true',
+                        help='3x3 stride-1 first convolution and no max-pool, for small images')
+    parser.add_argument('--crop-size', default=224, type=positive_int, metavar='PX',
+                        help='side of the random resized crops')
+    parser.add_argument('--warmup-epochs', default=10, type=non_negative_int, metavar='N',
+                        help='linear learning-rate warmup length')
+    parser.add_argument('--precision', default=None, choices=('fp16', 'bf16', 'fp32'),
+                        help='autocast precision (default fp16 on GPU as the reference, fp32 on '
+                             'CPU); the loss reduction is always in fp32')
+    parser.add_argument('--exact-gradient', action='store_true',
+                        help='use the exact full-batch gradient instead of the reference\'s '
+                             'gradient / world size')
+    parser.add_argument('--reference-world-size', default=None, type=positive_int, metavar='W',
+                        help='scale gradients as the reference would with W processes, whatever '
+                             'the actual number (e.g. 16 for the released checkpoint)')
+    parser.add_argument('--drop-last', action='store_true',
+                        help='drop each epoch\'s incomplete last batch (the reference keeps it '
+                             'but still divides by the full batch size)')
+    parser.add_argument('--seed', default=0, type=int, help='seed for initialisation, data order '
+                        'and augmentations (each epoch reseeds, so resumed runs repeat exactly)')
+    parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
+                        help='auto: every visible GPU, else the CPU with a warning')
+    parser.add_argument('--demo', action='store_true',
+                        help=f'train on a generated synthetic dataset ({DEMO_DATA} unless DIR is '
+                             f'given) with small CPU-sized defaults: '
+                             + ' '.join(f'{k}={v}' for k, v in DEMO_DEFAULTS.items()))
+    return parser
+
+
+def parse_projector(text):
+    try:
+        sizes = [int(s) for s in text.split('-')]
+    except ValueError:
+        sizes = []
+    if not sizes or any(s <= 0 for s in sizes):
+        raise InputError(f"--projector '{text}': expected positive layer widths joined by '-', "
+                         f"e.g. 8192-8192-8192")
+    return sizes
+
+
+def parse_arguments(argv=None):
+    parser = get_arguments()
+    command = ' '.join(sys.argv if argv is None else ['main.py'] + list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if '--demo' in argv:
+        parser.set_defaults(**DEMO_DEFAULTS)
+    args = parser.parse_args(argv)
+    args.command = command
+    try:
+        check_arguments(args)
+    except InputError as e:
+        parser.error(str(e))
+    return args
+
+
+def check_arguments(args):
+    if args.data is None:
+        if not args.demo:
+            raise InputError('the dataset directory DIR is required (or --demo)')
+        args.data = DEMO_DATA
+    if args.learning_rate is not None:
+        given = [f for f, v in (('--learning-rate-weights', args.learning_rate_weights),
+                                ('--learning-rate-biases', args.learning_rate_biases)) if v is not None]
+        if given:
+            raise InputError(f'--learning-rate (one rate for all parameters, earlier release) '
+                             f'contradicts {" and ".join(given)}; use one or the other')
+    else:
+        args.learning_rate_weights = 0.2 if args.learning_rate_weights is None \
+            else args.learning_rate_weights
+        args.learning_rate_biases = 0.0048 if args.learning_rate_biases is None \
+            else args.learning_rate_biases
+    if args.exact_gradient and args.reference_world_size:
+        raise InputError('--exact-gradient and --reference-world-size choose different gradient '
+                         'scales; give at most one')
+    parse_projector(args.projector)
+    if args.crop_size < 8:
+        raise InputError(f'--crop-size {args.crop_size} is too small (at least 8)')
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    try:
+        if args.demo:
+            make_demo_dataset(args.data)
+        if not (Path(args.data) / 'train').is_dir():
+            image_folder(args.data)  # raises the one-line error naming what is missing
+    except InputError as e:
+        sys.exit(f'main.py: error: {e}')
+    distributed.launch(main_worker, (args,), device=args.device)
+
+
+def main_worker(info, args):
+    try:
+        train(info, args)
+    except InputError as e:
+        print(f'main.py: error (rank {info.rank}): {e}', file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def train(info, args):
+    """Algorithm 1 of the paper, at ImageNet scale: build, resume, train epochs, export."""
+    if args.batch_size % info.world_size != 0:
+        raise InputError(f'--batch-size {args.batch_size} is not divisible by the world size '
+                         f'{info.world_size}')
+    stats_file = open_stats_file(args, info)
+    seed_everything(args.seed)
+    model, optimizer = build_model_and_optimizer(args, info)
+    precision = args.precision or ('fp16' if info.device.type == 'cuda' else 'fp32')
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == 'fp16')
+    start_epoch = resume(args, model, optimizer, scaler)
+    loader = build_loader(args, info)
+    if info.is_main:
+        print_provenance(args, info, precision, len(loader))
+
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed, epoch, info.rank)
+        loader.sampler.set_epoch(epoch)
+        train_one_epoch(model, loader, optimizer, scaler, args, info, epoch, precision,
+                        stats_file, start_time)
+        if info.is_main:
+            state = dict(epoch=epoch + 1, model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                         args=checkpoint_args(args))
+            save_atomic(state, args.checkpoint_dir / 'checkpoint.pth')
+    if info.is_main:
+        backbone = model.module.backbone.state_dict()
+        save_atomic(backbone, args.checkpoint_dir / f'{args.arch}.pth')
+        stats_file.close()
+
+
+def train_one_epoch(model, loader, optimizer, scaler, args, info, epoch, precision, stats_file,
+                    start_time):
+    autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(precision)
+    grad_factor = gradient_factor(args, info.world_size)
+    # First step with a non-finite loss, kept on the device so no step waits for the host.
+    bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
+    step = epoch * len(loader)
+    for step, ((y1, y2), _) in enumerate(loader, start=epoch * len(loader)):
+        y1 = y1.to(info.device, non_blocking=True)
+        y2 = y2.to(info.device, non_blocking=True)
+        adjust_learning_rate(args, optimizer, loader, step)
+        optimizer.zero_grad()
+        with torch.autocast(info.device.type, dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None):
+            loss = model.forward(y1, y2)
+        scaler.scale(loss if grad_factor == 1 else loss * grad_factor).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+        if step % args.print_freq == 0:
+            stop_if_non_finite(bad_step, args)
+            if info.is_main:
+                stats = dict(epoch=epoch, step=step,
+                             lr_weights=optimizer.param_groups[0]['lr'],
+                             lr_biases=optimizer.param_groups[-1]['lr'],
+                             loss=loss.item(), time=int(time.time() - start_time))
+                print(json.dumps(stats), flush=True)
+                print(json.dumps(stats), file=stats_file)
+    stop_if_non_finite(bad_step, args)
+
+
+def stop_if_non_finite(bad_step, args):
+    step = int(bad_step.item())
+    if step >= 0:
+        raise InputError(f'non-finite loss at step {step}; stopping without saving, the last good '
+                         f'checkpoint in {args.checkpoint_dir} is unchanged (try a lower learning '
+                         f'rate or --precision fp32)')
+
+
+def gradient_factor(args, world_size):
+    """Multiplier on the loss before backward, choosing the gradient semantics.
+
+    The reference all-reduces c outside autograd and DDP then averages gradients, so every
+    gradient is the full-batch gradient / world_size. Factor 1 keeps that; world_size gives the
+    exact full-batch gradient; world_size / R behaves as the reference at R processes.
+    """
+    if args.exact_gradient:
+        return float(world_size)
+    if args.reference_world_size:
+        return world_size / args.reference_world_size
+    return 1.0
+
+
+def seed_everything(seed, epoch=None, rank=0):
+    # Reseeding at every epoch start makes each epoch's data order and augmentations a function
+    # of (seed, epoch, rank) alone, so a run resumed from an epoch checkpoint repeats exactly.
+    words = [seed & 0xFFFFFFFF] + ([] if epoch is None else [epoch, rank])
+    state = np.random.SeedSequence(words).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def open_stats_file(args, info):
+    if not info.is_main:
+        return None
+    try:
+        args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        stats_file = open(args.checkpoint_dir / 'stats.txt', 'a', buffering=1)
+    except OSError as e:
+        raise InputError(f'cannot write to --checkpoint-dir {args.checkpoint_dir}: '
+                         f'{e.strerror or e}') from None
+    print(args.command, flush=True)
+    print(args.command, file=stats_file)
+    return stats_file
+
+
+def print_provenance(args, info, precision, steps_per_epoch):
+    per_device = args.batch_size // info.world_size
+    if args.learning_rate is not None:
+        rates = f'learning rate {args.learning_rate} x {args.batch_size}/256'
+    else:
+        rates = (f'learning rates weights {args.learning_rate_weights} / biases '
+                 f'{args.learning_rate_biases} x {args.batch_size}/256')
+    device = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else 'cpu'
+    print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, {device}; '
+          f'world size {info.world_size}, batch {args.batch_size} ({per_device} per process), '
+          f'{steps_per_epoch} steps per epoch, {rates}, precision {precision}, '
+          f'gradient scale x{gradient_factor(args, info.world_size):g} of the reference\'s',
+          flush=True)
+
+
+def build_backbone(arch='resnet50', cifar_stem=False):
+    """A torchvision ResNet without its classifier, and its feature width."""
+    if arch not in ARCHS:
+        raise InputError(f'--arch {arch}: expected one of {", ".join(ARCHS)}')
+    net = getattr(torchvision.models, arch)(zero_init_residual=True)
+    if cifar_stem:
+        # Small images: keep the full resolution into the first stage (as CIFAR ResNets do).
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode='fan_out', nonlinearity='relu')
+        net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+def build_model_and_optimizer(args, info):
+    model = BarlowTwins(args).to(info.device)
+    model = distributed.convert_global_batchnorm(model)
+    # Two groups as in the reference: weights (ndim > 1) and biases/BatchNorm (ndim == 1); the
+    # earlier release (--learning-rate) had one group over model.parameters().
+    if args.learning_rate is not None:
+        groups = [{'params': list(model.parameters())}]
+    else:
+        groups = [{'params': [p for p in model.parameters() if p.ndim != 1]},
+                  {'params': [p for p in model.parameters() if p.ndim == 1]}]
+    optimizer = LARS(groups, lr=0, weight_decay=args.weight_decay,
+                     weight_decay_filter=True, lars_adaptation_filter=True)
+    device_ids = [info.device.index] if info.device.type == 'cuda' else None
+    model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if info.device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    return model, optimizer
+
+
+def build_loader(args, info):
+    dataset = image_folder(args.data, Transform(args.crop_size))
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // info.world_size, num_workers=args.workers,
+        pin_memory=info.device.type == 'cuda', sampler=sampler, drop_last=args.drop_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_args(args):
+    # Plain types only, so checkpoints load with torch.load(weights_only=True).
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, fsync, then rename over `path`.
+
+    A kill or a full disk during the write leaves the previous file untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f'cannot write {path}: {e.strerror or e}; the previous file, if any, '
+                         f'is unchanged') from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def exclude_bias_and_norm(p):
+    """The earlier release's LARS filter; its checkpoints pickle a reference to it."""
+    return p.ndim == 1
+
+
+class _CompatUnpickler(pickle.Unpickler):
+    # The earlier release ran as `python main.py`, so its optimizer state refers to
+    # `__main__.exclude_bias_and_norm`; map that (and `main.`) to the function above.
+    def find_class(self, module, name):
+        if name == 'exclude_bias_and_norm' and module in ('__main__', 'main'):
+            return exclude_bias_and_norm
+        return super().find_class(module, name)
+
+
+_compat_pickle = types.ModuleType('compat_pickle')
+_compat_pickle.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith('__')})
+_compat_pickle.Unpickler = _CompatUnpickler
+
+
+def load_checkpoint_file(path):
+    """torch.load with one-line errors; accepts the original's checkpoints too."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # a pickled function (earlier release): retry with the full unpickler below
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise InputError(f'cannot read checkpoint {path}: {e}'.split('\n')[0]) from None
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False,
+                          pickle_module=_compat_pickle)
+    except Exception as e:
+        raise InputError(f'cannot read checkpoint {path}: {e}'.split('\n')[0]) from None
+
+
+def match_state_dict(state, model, what):
+    """`state` with keys renamed to `model`'s ('module.' prefix added or removed); any other
+    difference in keys or shapes is an InputError naming them."""
+    expected = model.state_dict()
+    want_prefix = next(iter(expected)).startswith('module.')
+    renamed = {}
+    for k, v in state.items():
+        k = k[len('module.'):] if k.startswith('module.') else k
+        renamed[('module.' + k) if want_prefix else k] = v
+    missing = sorted(set(expected) - set(renamed))
+    unexpected = sorted(set(renamed) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(renamed)
+                         if tuple(expected[k].shape) != tuple(renamed[k].shape))
+    problems = []
+    for label, keys in (('missing', missing), ('unexpected', unexpected),
+                        ('different shape', wrong_shape)):
+        if keys:
+            shown = ', '.join(keys[:5]) + (f' (+{len(keys) - 5} more)' if len(keys) > 5 else '')
+            problems.append(f'{label}: {shown}')
+    if problems:
+        raise InputError(f'{what} does not match this configuration; {"; ".join(problems)}')
+    return renamed
+
+
+def resume(args, model, optimizer, scaler):
+    """Resume from checkpoint_dir/checkpoint.pth when present (ours or the reference's)."""
+    path = args.checkpoint_dir / 'checkpoint.pth'
+    if not path.is_file():
+        return 0
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or not {'epoch', 'model', 'optimizer'} <= set(ckpt):
+        raise InputError(f'{path} is not a main.py checkpoint (expected epoch, model, optimizer)')
+    saved = ckpt.get('args') or {}
+    for key in ('arch', 'projector', 'cifar_stem'):
+        if key in saved and saved[key] != getattr(args, key):
+            raise InputError(f'{path} was written with --{key.replace("_", "-")} {saved[key]}, '
+                             f'this run has {getattr(args, key)}; use another --checkpoint-dir')
+    model.load_state_dict(match_state_dict(ckpt['model'], model, str(path)))
+    saved_groups = len(ckpt['optimizer'].get('param_groups', []))
+    if saved_groups != len(optimizer.param_groups):
+        flags = {1: '--learning-rate', 2: '--learning-rate-weights/--learning-rate-biases'}
+        raise InputError(f'{path} has {saved_groups} optimizer parameter group(s) '
+                         f'({flags.get(saved_groups, "?")}) but this run has '
+                         f'{len(optimizer.param_groups)} ({flags[len(optimizer.param_groups)]})')
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError) as e:
+        raise InputError(f'{path}: optimizer state does not match this model: {e}') from None
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    return ckpt['epoch']
+
+
+# ---------------------------------------------------------------------------------------------
+# The method: schedule, loss, model, optimizer, augmentations
+# ---------------------------------------------------------------------------------------------
+
+def learning_rate_schedule(step, steps_per_epoch, epochs, batch_size, warmup_epochs=10):
+    """Base learning rate at a global step: linear warmup, then cosine to 1/1000 of the peak."""
+    max_steps = epochs * steps_per_epoch
+    warmup_steps = warmup_epochs * steps_per_epoch
+    base_lr = batch_size / 256
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    q = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (max_steps - warmup_steps)))
+    end_lr = base_lr * 0.001
+    return base_lr * q + end_lr * (1 - q)
+
+
+def adjust_learning_rate(args, optimizer, loader, step):
+    lr = learning_rate_schedule(step, len(loader), args.epochs, args.batch_size,
+                                getattr(args, 'warmup_epochs', 10))
+    if getattr(args, 'learning_rate', None) is not None:
+        for group in optimizer.param_groups:
+            group['lr'] = lr * args.learning_rate
+    else:
+        optimizer.param_groups[0]['lr'] = lr * args.learning_rate_weights
+        optimizer.param_groups[1]['lr'] = lr * args.learning_rate_biases
+
+
+def off_diagonal(x):
+    # return a flattened view of the off-diagonal elements of a square matrix
+    n, m = x.shape
+    assert n == m
+    return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+class BarlowTwins(nn.Module):
+    """Backbone, projector and the cross-correlation loss.
+
+    BarlowTwins(args) builds the reference model from main.py's arguments. From Python, any
+    backbone works: BarlowTwins(backbone=net, feature_dim=512, projector='2048-2048',
+    lambd=0.0051); without `batch_size`, c is divided by the actual global batch. No process
+    group is needed; with one, c is summed over all ranks as in the reference.
+    """
+
+    def __init__(self, args=None, backbone=None, feature_dim=None, *, projector=None,
+                 lambd=None, batch_size=None, scale_loss=None):
+        super().__init__()
+        self.args = args
+
+        def setting(name, value, default):
+            return value if value is not None else getattr(args, name, default)
+
+        self.lambd = setting('lambd', lambd, 0.0051)
+        self.scale_loss = setting('scale_loss', scale_loss, 1.0)
+        self.batch_size = setting('batch_size', batch_size, None)
+        if backbone is None:
+            backbone, feature_dim = build_backbone(getattr(args, 'arch', 'resnet50'),
+                                                   getattr(args, 'cifar_stem', False))
+        elif feature_dim is None:
+            raise ValueError('BarlowTwins(backbone=...) needs feature_dim, the width of the '
+                             'backbone output')
+        self.backbone = backbone
+
+        # projector
+        sizes = [feature_dim] + parse_projector(setting('projector', projector, '8192-8192-8192'))
+        layers = []
+        for i in range(len(sizes) - 2):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=False))
+            layers.append(nn.BatchNorm1d(sizes[i + 1]))
+            layers.append(nn.ReLU(inplace=True))
+        layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
+        self.projector = nn.Sequential(*layers)
+
+        # normalization layer for the representations z1 and z2
+        self.bn = nn.BatchNorm1d(sizes[-1], affine=False)
+
+    def forward(self, y1, y2):
+        z1 = self.projector(self.backbone(y1))
+        z2 = self.projector(self.backbone(y2))
+        return self.loss(z1, z2)
+
+    def loss(self, z1, z2):
+        # empirical cross-correlation matrix: (D, N) @ (N, D), in the autocast dtype
+        c = self.bn(z1).T @ self.bn(z2)
+        # Everything after the product in fp32: the off-diagonal sum overflows fp16 (~1e6).
+        c = c.float()
+        _, world_size = distributed.world_info()
+        c = c / (self.batch_size or z1.shape[0] * world_size)
+        if world_size > 1:
+            # sum the cross-correlation matrix between all ranks; outside autograd, as the
+            # reference (see gradient_factor for what that does to the gradient)
+            dist.all_reduce(c)
+        on_diag = torch.diagonal(c).add(-1).pow(2).sum()
+        off_diag = off_diagonal(c).pow(2).sum()
+        return self.scale_loss * (on_diag + self.lambd * off_diag)
+
+
+class LARS(optim.Optimizer):
+    """LARS as in the reference: momentum buffer `mu`, trust ratio eta * ||p|| / ||g||.
+
+    The filters say which parameters skip weight decay / the trust ratio: True skips 1-D
+    tensors (biases, BatchNorm), a callable skips those it returns True for (the earlier
+    release passed exclude_bias_and_norm), False/None skips none.
+    """
+
+    def __init__(self, params, lr, weight_decay=0, momentum=0.9, eta=0.001,
+                 weight_decay_filter=False, lars_adaptation_filter=False):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        eta=eta, weight_decay_filter=weight_decay_filter,
+                        lars_adaptation_filter=lars_adaptation_filter)
+        super().__init__(params, defaults)
+
+    def exclude_bias_and_norm(self, p):
+        return p.ndim == 1
+
+    def _skips(self, filter_, p):
+        if filter_ is None or filter_ is False:
+            return False
+        if filter_ is True:
+            return self.exclude_bias_and_norm(p)
+        return bool(filter_(p))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g['params']:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if not self._skips(g['weight_decay_filter'], p):
+                    dp = dp.add(p, alpha=g['weight_decay'])
+                if not self._skips(g['lars_adaptation_filter'], p):
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.,
+                                    torch.where(update_norm > 0,
+                                                (g['eta'] * param_norm / update_norm), one), one)
+                    dp = dp.mul(q)
+                param_state = self.state[p]
+                if 'mu' not in param_state:
+                    param_state['mu'] = torch.zeros_like(p)
+                mu = param_state['mu']
+                mu.mul_(g['momentum']).add_(dp)
+                p.add_(mu, alpha=-g['lr'])
+        return loss
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+class GaussianBlur(object):
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        if random.random() < self.p:
+            sigma = random.random() * 1.9 + 0.1
+            return img.filter(ImageFilter.GaussianBlur(sigma))
+        return img
+
+
+class Solarization(object):
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        if random.random() < self.p:
+            return ImageOps.solarize(img)
+        return img
+
+
+class Transform:
+    """The two asymmetric views: view 1 always blurred, view 2 rarely blurred, sometimes solarised."""
+
+    def __init__(self, crop_size=224):
+        self.transform = self._view(crop_size, blur=1.0, solarize=0.0)
+        self.transform_prime = self._view(crop_size, blur=0.1, solarize=0.2)
+
+    @staticmethod
+    def _view(crop_size, blur, solarize):
+        return transforms.Compose([
+            transforms.RandomResizedCrop(crop_size, interpolation=Image.BICUBIC),
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply(
+                [transforms.ColorJitter(brightness=0.4, contrast=0.4,
+                                        saturation=0.2, hue=0.1)],
+                p=0.8
+            ),
+            transforms.RandomGrayscale(p=0.2),
+            GaussianBlur(p=blur),
+            Solarization(p=solarize),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        ])
+
+    def __call__(self, x):
+        y1 = self.transform(x)
+        y2 = self.transform_prime(x)
+        return y1, y2
+
+
+if __name__ == '__main__':
+    main()
