@@ -28,6 +28,8 @@ import torch.distributed.nn.functional as dist_fn
 import torch.multiprocessing as mp
 from torch import nn
 
+from data import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
@@ -90,8 +92,8 @@ def choose_device_type(requested):
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         return 'cuda'
     if requested == 'cuda':
-        raise RuntimeError('--device cuda was given but no CUDA GPU is visible; '
-                           'pass --device cpu to train on the CPU')
+        raise InputError('--device cuda was given but no CUDA GPU is visible; '
+                         'pass --device cpu to run on the CPU')
     warnings.warn('no CUDA GPU found: training on the CPU in a single process (slow); '
                   'pass --device cpu to choose this explicitly', stacklevel=2)
     return 'cpu'
@@ -115,56 +117,67 @@ def _init_process_group(rank, local_rank, world_size, device_type, init_method=N
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def _run_in_this_process(fn, fn_args, rank, local_rank, world_size, device_type, init_method):
-    info = _init_process_group(rank, local_rank, world_size, device_type, init_method)
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """How this launcher takes part: `nprocs` processes with global ranks rank_offset, ... ."""
+    nprocs: int
+    rank_offset: int
+    local_rank: int  # of the first process this launcher runs
+    world_size: int
+    device_type: str
+    init_method: str = None  # None: a group of one, in memory
+    slurm: bool = False
+
+
+def plan_launch(env, device_type, ngpus, master_host=None):
+    """Pure decision from the environment (torchrun, then SLURM, then local GPUs, then CPU)."""
+    if 'RANK' in env and 'WORLD_SIZE' in env:  # torchrun, or any env:// launcher
+        return LaunchPlan(1, int(env['RANK']), int(env.get('LOCAL_RANK', 0)),
+                          int(env['WORLD_SIZE']), device_type, 'env://')
+    if 'SLURM_JOB_ID' in env and env.get('SLURM_JOB_NODELIST') and ngpus > 0:
+        host = env.get('MASTER_ADDR') or (master_host or _slurm_master_host)()
+        port = env.get('MASTER_PORT') or _slurm_port(env['SLURM_JOB_ID'])
+        init_method = f'tcp://{host}:{port}'
+        nnodes = int(env.get('SLURM_NNODES', 1))
+        ntasks = int(env.get('SLURM_NTASKS', nnodes))
+        if ntasks > nnodes:  # one task per GPU: SLURM already started every process
+            return LaunchPlan(1, int(env['SLURM_PROCID']), int(env.get('SLURM_LOCALID', 0)),
+                              ntasks, 'cuda', init_method, slurm=True)
+        # One task per node, as the reference: it starts one process per local GPU.
+        node = int(env.get('SLURM_NODEID', 0))
+        return LaunchPlan(ngpus, node * ngpus, 0, nnodes * ngpus, 'cuda', init_method, slurm=True)
+    if ngpus > 1:
+        return LaunchPlan(ngpus, 0, 0, ngpus, 'cuda', 'tcp://localhost:{free_port}')
+    return LaunchPlan(1, 0, 0, 1, device_type)
+
+
+def _run_in_this_process(local_rank, fn, fn_args, plan):
+    rank = plan.rank_offset + (local_rank if plan.nprocs > 1 else 0)
+    local_rank = local_rank if plan.nprocs > 1 else plan.local_rank
+    info = _init_process_group(rank, local_rank, plan.world_size, plan.device_type,
+                               plan.init_method)
     try:
         return fn(info, *fn_args)
     finally:
         cleanup()
 
 
-def _spawned_worker(local_rank, fn, fn_args, rank_offset, world_size, device_type, init_method):
-    _run_in_this_process(fn, fn_args, rank_offset + local_rank, local_rank, world_size,
-                         device_type, init_method)
-
-
-def _spawn(fn, fn_args, nprocs, rank_offset, world_size, device_type, init_method):
+def launch(fn, fn_args=(), device='auto'):
+    """Run fn(DistInfo, *fn_args) in every process of this run (see the module docstring)."""
+    device_type = choose_device_type(device)
+    ngpus = torch.cuda.device_count() if device_type == 'cuda' else 0
+    plan = plan_launch(os.environ, device_type, ngpus)
+    if plan.init_method and '{free_port}' in plan.init_method:
+        plan = dataclasses.replace(plan, init_method=plan.init_method.format(free_port=_free_port()))
+    if plan.slurm:
+        _install_slurm_signal_handlers()
+    if plan.nprocs == 1:
+        return _run_in_this_process(0, fn, fn_args, plan)
     try:
-        mp.spawn(_spawned_worker, (fn, fn_args, rank_offset, world_size, device_type, init_method),
-                 nprocs=nprocs)
+        mp.spawn(_run_in_this_process, (fn, fn_args, plan), nprocs=plan.nprocs)
     except mp.ProcessExitedException as e:
         # The failing worker has already printed its own one-line error.
         sys.exit(e.exit_code or 1)
-
-
-def launch(fn, fn_args=(), device='auto'):
-    """Run fn(DistInfo, *fn_args) in every process of this run (see the module docstring)."""
-    env = os.environ
-    if 'RANK' in env and 'WORLD_SIZE' in env:  # torchrun, or any env:// launcher
-        device_type = choose_device_type(device)
-        return _run_in_this_process(fn, fn_args, int(env['RANK']), int(env.get('LOCAL_RANK', 0)),
-                                    int(env['WORLD_SIZE']), device_type, 'env://')
-
-    device_type = choose_device_type(device)
-    ngpus = torch.cuda.device_count() if device_type == 'cuda' else 0
-
-    if 'SLURM_JOB_ID' in env and ngpus > 0 and env.get('SLURM_JOB_NODELIST'):
-        _install_slurm_signal_handlers()
-        host = env.get('MASTER_ADDR') or _slurm_master_host()
-        port = env.get('MASTER_PORT') or _slurm_port(env['SLURM_JOB_ID'])
-        init_method = f'tcp://{host}:{port}'
-        nnodes = int(env.get('SLURM_NNODES', 1))
-        ntasks = int(env.get('SLURM_NTASKS', nnodes))
-        if ntasks > nnodes:  # one task per GPU: SLURM already started every process
-            return _run_in_this_process(fn, fn_args, int(env['SLURM_PROCID']),
-                                        int(env.get('SLURM_LOCALID', 0)), ntasks, 'cuda',
-                                        init_method)
-        node = int(env.get('SLURM_NODEID', 0))
-        return _spawn(fn, fn_args, ngpus, node * ngpus, nnodes * ngpus, 'cuda', init_method)
-
-    if ngpus > 1:
-        return _spawn(fn, fn_args, ngpus, 0, ngpus, 'cuda', f'tcp://localhost:{_free_port()}')
-    return _run_in_this_process(fn, fn_args, 0, 0, 1, device_type, None)
 
 
 def cleanup():

@@ -182,9 +182,9 @@ def main(argv=None):
             make_demo_dataset(args.data)
         if not (Path(args.data) / 'train').is_dir():
             image_folder(args.data)  # raises the one-line error naming what is missing
+        distributed.launch(main_worker, (args,), device=args.device)
     except InputError as e:
         sys.exit(f'main.py: error: {e}')
-    distributed.launch(main_worker, (args,), device=args.device)
 
 
 def main_worker(info, args):
@@ -480,6 +480,12 @@ def resume(args, model, optimizer, scaler):
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
         raise InputError(f'{path}: optimizer state does not match this model: {e}') from None
+    for group in optimizer.param_groups:
+        # The earlier release's filter function means "skip 1-D tensors", which True says too;
+        # keeping a function would make our own checkpoints need the full unpickler.
+        for key in ('weight_decay_filter', 'lars_adaptation_filter'):
+            if group[key] is exclude_bias_and_norm:
+                group[key] = True
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     return ckpt['epoch']
