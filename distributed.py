@@ -24,7 +24,6 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -185,6 +184,27 @@ def cleanup():
         dist.destroy_process_group()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward also sums the incoming gradients over ranks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(x):
+    """Differentiable sum over all ranks (torch.distributed.nn's version is deprecated)."""
+    return _AllReduceSum.apply(x)
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics cover the whole global batch, on any device.
 
@@ -207,11 +227,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         local_count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
-        sums = dist_fn.all_reduce(torch.cat([local_count, xf.sum(dims)]))  # (1 + C,) over ranks
+        sums = all_reduce_sum(torch.cat([local_count, xf.sum(dims)]))  # (1 + C,) over ranks
         count = sums[0]
         mean = sums[1:] / count
         centred = xf - mean.view(shape)
-        var = dist_fn.all_reduce((centred * centred).sum(dims)) / count
+        var = all_reduce_sum((centred * centred).sum(dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -12,7 +12,7 @@ Writes checkpoint.pth every epoch (resumed automatically), stats.txt, and at the
 the backbone's state dict (resnet50.pth by default).
 """
 import argparse
-import json
+import dataclasses
 import math
 import os
 import pickle
@@ -32,6 +32,7 @@ from torch import nn, optim
 
 import distributed
 from data import InputError, image_folder, make_demo_dataset
+from monitor import OnlineProbe, Progress, StatsLog
 
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
          'wide_resnet101_2', 'resnext50_32x4d', 'resnext101_32x8d', 'resnext101_64x4d')
@@ -116,6 +117,13 @@ def get_arguments():
                              'but still divides by the full batch size)')
     parser.add_argument('--seed', default=0, type=int, help='seed for initialisation, data order '
                         'and augmentations (each epoch reseeds, so resumed runs repeat exactly)')
+    parser.add_argument('--online-probe', action=argparse.BooleanOptionalAction, default=True,
+                        help='train a linear classifier on detached features of view 1 with the '
+                             'dataset labels and log its running top-1 as online_acc1 (it does '
+                             'not touch the backbone\'s gradients)')
+    parser.add_argument('--tensorboard', action='store_true',
+                        help='also log the stats to CHECKPOINT_DIR/tensorboard (needs the '
+                             'tensorboard package)')
     parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
                         help='auto: every visible GPU, else the CPU with a warning')
     parser.add_argument('--demo', action='store_true',
@@ -195,67 +203,92 @@ def main_worker(info, args):
         sys.exit(1)
 
 
+@dataclasses.dataclass
+class Run:
+    """Everything one process's training loop works with."""
+    args: argparse.Namespace
+    info: distributed.DistInfo
+    model: nn.Module
+    optimizer: optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: torch.utils.data.DataLoader
+    precision: str
+    log: StatsLog
+    progress: Progress
+    probe: OnlineProbe = None
+    start_time: float = dataclasses.field(default_factory=time.time)
+
+
 def train(info, args):
     """Algorithm 1 of the paper, at ImageNet scale: build, resume, train epochs, export."""
     if args.batch_size % info.world_size != 0:
         raise InputError(f'--batch-size {args.batch_size} is not divisible by the world size '
                          f'{info.world_size}')
-    stats_file = open_stats_file(args, info)
+    log = StatsLog(args.checkpoint_dir / 'stats.txt', args.command, info.is_main,
+                   args.checkpoint_dir / 'tensorboard' if args.tensorboard else None)
     seed_everything(args.seed)
     model, optimizer = build_model_and_optimizer(args, info)
     precision = args.precision or ('fp16' if info.device.type == 'cuda' else 'fp32')
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == 'fp16')
-    start_epoch = resume(args, model, optimizer, scaler)
     loader = build_loader(args, info)
+    probe = build_probe(args, info, model, loader.dataset)
+    start_epoch = resume(args, model, optimizer, scaler, probe)
+    progress = Progress(len(loader), args.epochs, args.batch_size, info.is_main)
+    run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress, probe)
     if info.is_main:
-        print_provenance(args, info, precision, len(loader))
+        print_provenance(run)
 
-    start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, info.rank)
         loader.sampler.set_epoch(epoch)
-        train_one_epoch(model, loader, optimizer, scaler, args, info, epoch, precision,
-                        stats_file, start_time)
+        train_one_epoch(run, epoch)
         if info.is_main:
-            state = dict(epoch=epoch + 1, model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                         args=checkpoint_args(args))
-            save_atomic(state, args.checkpoint_dir / 'checkpoint.pth')
+            save_checkpoint(run, epoch + 1)
     if info.is_main:
         backbone = model.module.backbone.state_dict()
         save_atomic(backbone, args.checkpoint_dir / f'{args.arch}.pth')
-        stats_file.close()
+    log.close()
 
 
-def train_one_epoch(model, loader, optimizer, scaler, args, info, epoch, precision, stats_file,
-                    start_time):
-    autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(precision)
+def train_one_epoch(run, epoch):
+    args, info = run.args, run.info
+    autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(run.precision)
     grad_factor = gradient_factor(args, info.world_size)
     # First step with a non-finite loss, kept on the device so no step waits for the host.
     bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
-    step = epoch * len(loader)
-    for step, ((y1, y2), _) in enumerate(loader, start=epoch * len(loader)):
+    run.progress.start_epoch(epoch)
+    for step, ((y1, y2), labels) in enumerate(run.loader, start=epoch * len(run.loader)):
         y1 = y1.to(info.device, non_blocking=True)
         y2 = y2.to(info.device, non_blocking=True)
-        adjust_learning_rate(args, optimizer, loader, step)
-        optimizer.zero_grad()
+        adjust_learning_rate(args, run.optimizer, run.loader, step)
+        run.optimizer.zero_grad()
         with torch.autocast(info.device.type, dtype=autocast_dtype,
                             enabled=autocast_dtype is not None):
-            loss = model.forward(y1, y2)
-        scaler.scale(loss if grad_factor == 1 else loss * grad_factor).backward()
-        scaler.step(optimizer)
-        scaler.update()
+            loss, features = run.model.forward(y1, y2, return_features=True)
+        run.scaler.scale(loss if grad_factor == 1 else loss * grad_factor).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        if run.probe is not None:
+            run.probe.step(features, labels.to(info.device, non_blocking=True))
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-        if step % args.print_freq == 0:
-            stop_if_non_finite(bad_step, args)
-            if info.is_main:
-                stats = dict(epoch=epoch, step=step,
-                             lr_weights=optimizer.param_groups[0]['lr'],
-                             lr_biases=optimizer.param_groups[-1]['lr'],
-                             loss=loss.item(), time=int(time.time() - start_time))
-                print(json.dumps(stats), flush=True)
-                print(json.dumps(stats), file=stats_file)
+        logged_loss = log_step(run, epoch, step, loss, bad_step) \
+            if step % args.print_freq == 0 else None
+        run.progress.step(logged_loss)
     stop_if_non_finite(bad_step, args)
+    run.progress.end_epoch()
+
+
+def log_step(run, epoch, step, loss, bad_step):
+    """Every --print-freq steps: the reference's JSON stats line (plus the probe's accuracy)."""
+    stop_if_non_finite(bad_step, run.args)
+    stats = dict(epoch=epoch, step=step,
+                 lr_weights=run.optimizer.param_groups[0]['lr'],
+                 lr_biases=run.optimizer.param_groups[-1]['lr'],
+                 loss=loss.item(), time=int(time.time() - run.start_time))
+    if run.probe is not None:
+        stats['online_acc1'] = run.probe.top1()  # a collective: every rank gets here
+    run.log.write(stats, step)
+    return stats['loss']
 
 
 def stop_if_non_finite(bad_step, args):
@@ -290,21 +323,8 @@ def seed_everything(seed, epoch=None, rank=0):
     torch.manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def open_stats_file(args, info):
-    if not info.is_main:
-        return None
-    try:
-        args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        stats_file = open(args.checkpoint_dir / 'stats.txt', 'a', buffering=1)
-    except OSError as e:
-        raise InputError(f'cannot write to --checkpoint-dir {args.checkpoint_dir}: '
-                         f'{e.strerror or e}') from None
-    print(args.command, flush=True)
-    print(args.command, file=stats_file)
-    return stats_file
-
-
-def print_provenance(args, info, precision, steps_per_epoch):
+def print_provenance(run):
+    args, info = run.args, run.info
     per_device = args.batch_size // info.world_size
     if args.learning_rate is not None:
         rates = f'learning rate {args.learning_rate} x {args.batch_size}/256'
@@ -314,9 +334,9 @@ def print_provenance(args, info, precision, steps_per_epoch):
     device = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else 'cpu'
     print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, {device}; '
           f'world size {info.world_size}, batch {args.batch_size} ({per_device} per process), '
-          f'{steps_per_epoch} steps per epoch, {rates}, precision {precision}, '
-          f'gradient scale x{gradient_factor(args, info.world_size):g} of the reference\'s',
-          flush=True)
+          f'{len(run.loader)} steps per epoch, {rates}, precision {run.precision}, '
+          f'gradient scale x{gradient_factor(args, info.world_size):g} of the reference\'s, '
+          f'online probe {"on" if run.probe is not None else "off"}', flush=True)
 
 
 def build_backbone(arch='resnet50', cifar_stem=False):
@@ -360,6 +380,13 @@ def build_loader(args, info):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size // info.world_size, num_workers=args.workers,
         pin_memory=info.device.type == 'cuda', sampler=sampler, drop_last=args.drop_last)
+
+
+def build_probe(args, info, model, dataset):
+    if not args.online_probe or len(dataset.classes) < 2:
+        return None
+    feature_dim = model.module.projector[0].in_features
+    return OnlineProbe(feature_dim, len(dataset.classes), info.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +483,16 @@ def match_state_dict(state, model, what):
     return renamed
 
 
-def resume(args, model, optimizer, scaler):
+def save_checkpoint(run, next_epoch):
+    state = dict(epoch=next_epoch, model=run.model.state_dict(),
+                 optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
+                 args=checkpoint_args(run.args))
+    if run.probe is not None:
+        state['probe'] = run.probe.state_dict()
+    save_atomic(state, run.args.checkpoint_dir / 'checkpoint.pth')
+
+
+def resume(args, model, optimizer, scaler, probe=None):
     """Resume from checkpoint_dir/checkpoint.pth when present (ours or the reference's)."""
     path = args.checkpoint_dir / 'checkpoint.pth'
     if not path.is_file():
@@ -488,6 +524,8 @@ def resume(args, model, optimizer, scaler):
                 group[key] = True
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
+    if probe is not None and ckpt.get('probe'):
+        probe.load_state_dict(ckpt['probe'])
     return ckpt['epoch']
 
 
@@ -566,10 +604,13 @@ class BarlowTwins(nn.Module):
         # normalization layer for the representations z1 and z2
         self.bn = nn.BatchNorm1d(sizes[-1], affine=False)
 
-    def forward(self, y1, y2):
-        z1 = self.projector(self.backbone(y1))
+    def forward(self, y1, y2, return_features=False):
+        r1 = self.backbone(y1)
+        z1 = self.projector(r1)
         z2 = self.projector(self.backbone(y2))
-        return self.loss(z1, z2)
+        loss = self.loss(z1, z2)
+        # The representation of view 1, for the online probe (detached there).
+        return (loss, r1) if return_features else loss
 
     def loss(self, z1, z2):
         # empirical cross-correlation matrix: (D, N) @ (N, D), in the autocast dtype
@@ -579,9 +620,13 @@ class BarlowTwins(nn.Module):
         _, world_size = distributed.world_info()
         c = c / (self.batch_size or z1.shape[0] * world_size)
         if world_size > 1:
-            # sum the cross-correlation matrix between all ranks; outside autograd, as the
-            # reference (see gradient_factor for what that does to the gradient)
-            dist.all_reduce(c)
+            # sum the cross-correlation matrix between all ranks, outside autograd as the
+            # reference: the value is global, the gradient flows into the local c only (see
+            # gradient_factor). Written out, since autograd through an in-place collective is
+            # deprecated.
+            c_global = c.detach().clone()
+            dist.all_reduce(c_global)
+            c = c + (c_global - c.detach())
         on_diag = torch.diagonal(c).add(-1).pow(2).sum()
         off_diag = off_diagonal(c).pow(2).sum()
         return self.scale_loss * (on_diag + self.lambd * off_diag)

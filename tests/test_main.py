@@ -14,7 +14,7 @@ import distributed
 import main
 from conftest import ROOT
 
-STATS_KEYS = {'epoch', 'step', 'lr_weights', 'lr_biases', 'loss', 'time'}
+STATS_KEYS = {'epoch', 'step', 'lr_weights', 'lr_biases', 'loss', 'time'}  # the reference's
 
 
 def tiny_args(data, ckdir, *extra, epochs=2, workers=0):
@@ -46,7 +46,7 @@ def test_run_writes_reference_artefacts(tiny_imagefolder, tmp_path):
     lines, stats = read_stats(ckdir)
     assert lines[0].startswith('main.py ') and '--projector 32-32' in lines[0]
     assert len(stats) == 6  # 12 images / batch 4 = 3 steps per epoch, print-freq 1, 2 epochs
-    assert all(set(s) == STATS_KEYS for s in stats)
+    assert all(set(s) == STATS_KEYS | {'online_acc1'} for s in stats)
     assert [s['step'] for s in stats] == list(range(6))
     assert [s['epoch'] for s in stats] == [0, 0, 0, 1, 1, 1]
     assert stats[0]['lr_weights'] == 0.0  # warmup starts at zero
@@ -173,6 +173,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_imagefolder, tmp_path, 
     ckdir = tmp_path / 'ck'
     main.main(tiny_args(tiny_imagefolder, ckdir, epochs=1))
     before = (ckdir / 'checkpoint.pth').read_bytes()
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main.main(tiny_args(tiny_imagefolder, ckdir, '--learning-rate-weights', '1e30',
                             '--learning-rate-biases', '1e30', '--warmup-epochs', '0', epochs=3))
