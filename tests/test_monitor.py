@@ -1,0 +1,144 @@
+"""Watching a run: online probe, progress, stats log and the plot command."""
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main
+import monitor
+import plot
+from conftest import ROOT
+from data import make_demo_dataset
+
+
+def demo_args(data, ckdir, *extra, epochs=4):
+    return [str(data), '--arch', 'resnet18', '--cifar-stem', '--crop-size', '32',
+            '--projector', '64-64', '--batch-size', '16', '--epochs', str(epochs),
+            '--workers', '0', '--device', 'cpu', '--checkpoint-dir', str(ckdir),
+            '--print-freq', '5', '--warmup-epochs', '1', *extra]
+
+
+@pytest.fixture(scope='module')
+def probe_runs(tmp_path_factory):
+    """The same short pretraining run with and without the online probe."""
+    root = tmp_path_factory.mktemp('probe')
+    data = make_demo_dataset(root / 'demo', per_class=8, val_per_class=2, size=40)
+    main.main(demo_args(data, root / 'with'))
+    main.main(demo_args(data, root / 'without', '--no-online-probe'))
+    return root
+
+
+def stats_of(ckdir):
+    return [json.loads(line) for line in (ckdir / 'stats.txt').read_text().splitlines()
+            if line.startswith('{')]
+
+
+def test_online_probe_learns_above_chance(probe_runs):
+    accs = [s['online_acc1'] for s in stats_of(probe_runs / 'with')]
+    assert len(accs) == 4  # 80 images / 16 = 5 steps per epoch, logged every 5 steps
+    # 10 classes (chance 10%): each epoch's running accuracy (80 images) improves on the last,
+    # and the final one is at least twice chance (3 standard deviations above it)
+    assert accs[1] < accs[2] < accs[3], accs
+    assert accs[-1] >= 20.0, accs
+    assert all('online_acc1' not in s for s in stats_of(probe_runs / 'without'))
+
+
+def test_online_probe_leaves_backbone_bit_identical(probe_runs):
+    with_probe = torch.load(probe_runs / 'with' / 'resnet18.pth', weights_only=True)
+    without = torch.load(probe_runs / 'without' / 'resnet18.pth', weights_only=True)
+    assert with_probe.keys() == without.keys()
+    for key in with_probe:
+        assert torch.equal(with_probe[key], without[key]), key
+    losses = [s['loss'] for s in stats_of(probe_runs / 'with')]
+    assert losses == [s['loss'] for s in stats_of(probe_runs / 'without')]
+
+
+def test_probe_state_is_checkpointed(probe_runs):
+    ckpt = torch.load(probe_runs / 'with' / 'checkpoint.pth', weights_only=True)
+    assert set(ckpt['probe']) == {'head', 'optimizer'}
+    assert ckpt['probe']['head']['1.weight'].shape == (10, 512)
+    assert 'probe' not in torch.load(probe_runs / 'without' / 'checkpoint.pth', weights_only=True)
+
+
+def test_plot_writes_png_from_real_stats(probe_runs, tmp_path):
+    output = tmp_path / 'curves.png'
+    proc = subprocess.run([sys.executable, str(ROOT / 'plot.py'),
+                           str(probe_runs / 'with' / 'stats.txt'),
+                           str(probe_runs / 'without' / 'stats.txt'), '-o', str(output)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    data = output.read_bytes()
+    assert data.startswith(b'\x89PNG\r\n\x1a\n') and len(data) > 10_000
+
+
+def test_plot_rejects_a_file_without_stats(tmp_path):
+    bad = tmp_path / 'stats.txt'
+    bad.write_text('main.py /data\n')
+    proc = subprocess.run([sys.executable, str(ROOT / 'plot.py'), str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count('\n') == 0 and 'no JSON stats lines' in proc.stderr
+
+
+def test_steps_per_epoch_recovered_from_stats():
+    # 7 steps per epoch, logged every 3 steps
+    records = [dict(epoch=s // 7, step=s) for s in range(0, 70, 3)]
+    assert plot.steps_per_epoch(records) == 7
+    xs, _ = plot.series([dict(r, loss=1.0) for r in records], 'loss')
+    assert xs[-1] == pytest.approx(69 / 7)
+    # epoch summaries (evaluate.py) sit at the end of their epoch
+    assert plot.series([dict(epoch=0, acc1=5.0), dict(epoch=1, acc1=9.0)], 'acc1') == \
+        ([1, 2], [5.0, 9.0])
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_plain_lines_and_terminal_redraw(monkeypatch):
+    clock = iter(range(0, 1000, 10))  # every call to time.time() advances 10 s
+    monkeypatch.setattr(monitor.time, 'time', lambda: next(clock))
+    log = io.StringIO()
+    progress = monitor.Progress(steps_per_epoch=4, epochs=3, images_per_step=32, enabled=True,
+                                stream=log, interval=25)
+    progress.start_epoch(0)
+    for loss in (9.0, None, None, None):
+        progress.step(loss)
+    progress.end_epoch()
+    lines = log.getvalue().splitlines()
+    assert 2 <= len(lines) <= 3 and '\r' not in log.getvalue()
+    assert lines[-1].startswith('epoch 1/3 [####################] 4/4')
+    assert 'img/s' in lines[-1] and 'loss 9' in lines[-1]
+    assert 'ETA epoch 00:00:00 run 00:' in lines[-1]  # 8 steps left in the run
+
+    terminal = FakeTerminal()
+    progress = monitor.Progress(4, 3, 32, enabled=True, stream=terminal)
+    progress.start_epoch(1)
+    progress.step(2.0)
+    progress.end_epoch()
+    assert terminal.getvalue().startswith('\repoch 2/3') and terminal.getvalue().endswith('\n')
+
+    quiet = io.StringIO()
+    progress = monitor.Progress(4, 3, 32, enabled=False, stream=quiet)
+    progress.start_epoch(0)
+    progress.step(1.0)
+    progress.end_epoch()
+    assert quiet.getvalue() == ''
+
+
+def test_tensorboard_flag_without_package_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith('torch.utils.tensorboard'):
+            raise ImportError('No module named tensorboard')
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', no_tensorboard)
+    with pytest.raises(main.InputError, match='pip install tensorboard'):
+        monitor.StatsLog(tmp_path / 'stats.txt', 'cmd', enabled=True,
+                         tensorboard_dir=tmp_path / 'tb')
