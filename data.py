@@ -3,13 +3,19 @@
 Everything here turns bad input into an `InputError` whose message is one line naming the path.
 """
 import colorsys
+import itertools
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+import torch
+import torch.multiprocessing as mp
+import torch.utils.data.distributed
 import torchvision
 
 
@@ -124,3 +130,64 @@ def make_demo_dataset(root, per_class=40, val_per_class=10, size=64, seed=0):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """A dataset whose every sample is augmented from its own seed (seed, epoch, index).
+
+    Augmentations then depend neither on the number of DataLoader workers nor on which samples
+    came before, so a run resumed in the middle of an epoch sees exactly the views it would have
+    seen. With `skip_bad`, an unreadable image is replaced by the next readable one (and counted)
+    instead of stopping the run.
+    """
+
+    def __init__(self, dataset, seed, skip_bad=False):
+        self.dataset, self.seed, self.skip_bad = dataset, seed, skip_bad
+        self.epoch = 0
+        self.skipped = mp.Value('l', 0)  # shared with the DataLoader's worker processes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _seed(self, index):
+        state = np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch, index]).generate_state(2)
+        random.seed(int(state[0]))
+        torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.dataset)):
+            candidate = (index + attempt) % len(self.dataset)
+            self._seed(candidate)
+            try:
+                return self.dataset[candidate]
+            except InputError as e:
+                if not self.skip_bad:
+                    raise
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                print(f'skipping: {e}', file=sys.stderr, flush=True)
+        raise InputError('no readable image in the dataset')
+
+    def take_skipped(self):
+        """Images skipped since the last call (in this process and its workers)."""
+        with self.skipped.get_lock():
+            count, self.skipped.value = self.skipped.value, 0
+        return count
+
+
+class EpochSampler(torch.utils.data.distributed.DistributedSampler):
+    """DistributedSampler that can start an epoch after its first `start` samples (mid-epoch
+    resume: the remaining batches are exactly those an uninterrupted epoch would have had)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return self.num_samples - self.start
