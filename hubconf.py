@@ -1,0 +1,154 @@
+"""torch.hub entries.
+
+    model = torch.hub.load('facebookresearch/barlowtwins:main', 'resnet50')   # released weights
+    model = torch.hub.load('/path/to/clone', 'resnet50', source='local')     # same, local clone
+    model = torch.hub.load('/path/to/clone', 'resnet50', source='local',
+                           weights='/path/to/resnet50.pth')                  # offline, a file
+    net = torch.hub.load('/path/to/clone', 'backbone', source='local',
+                         weights='checkpoint/resnet18.pth', arch='resnet18', cifar_stem=True)
+    model = torch.hub.load('/path/to/clone', 'barlowtwins', source='local',
+                           checkpoint='checkpoint/checkpoint.pth')          # + projector
+
+URLs are downloaded once and cached under <torch.hub.get_dir()>/checkpoints (TORCH_HOME
+moves it); a cached file is used without touching the network. The released weights are cached
+as `resnet50.pth`, the name the original hubconf used, so its cache is reused offline. Every load
+checks the keys: a wrong file is an error naming them, never a model with random weights.
+"""
+# Modules only (not callables): torch.hub.list() shows every public callable as an entry.
+import hashlib
+import importlib
+import pathlib
+import re
+import sys
+import urllib.parse
+
+import torch
+import torchvision
+
+dependencies = ['torch', 'torchvision']
+
+RELEASED_URL = ('https://dl.fbaipublicfiles.com/barlowtwins/'
+                'ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth')
+
+_HERE = pathlib.Path(__file__).resolve().parent
+_REPO_MODULES = ('data', 'distributed', 'main', 'evaluate')
+
+
+def resnet50(pretrained=True, progress=True, weights=None, **kwargs):
+    """torchvision ResNet-50 with Barlow Twins weights (73.5% top-1 linear probe on ImageNet).
+
+    weights: a local path or a URL (http(s)://, file://) to load instead of the released file;
+    given, it is loaded whatever `pretrained` says. Accepted files: a backbone state dict, a
+    torchvision-style one, or a full checkpoint.pth from main.py or the original code.
+    kwargs go to torchvision.models.resnet50. `fc` is the default 1000-way Linear layer with
+    random weights (the pretrained model has no classifier): train it (evaluate.py) or replace it.
+    """
+    model = torchvision.models.resnet50(**kwargs)
+    source = weights if weights is not None else (RELEASED_URL if pretrained else None)
+    if source is None:
+        return model
+    evaluate = _repo_module('evaluate')
+    state = evaluate.load_backbone_state(_local_file(source, progress), 'resnet50', False)
+    result = model.load_state_dict(state, strict=False)
+    if sorted(result.missing_keys) != ['fc.bias', 'fc.weight'] or result.unexpected_keys:
+        raise _repo_module('data').InputError(
+            f'{source}: expected exactly fc.weight and fc.bias to stay untrained; missing '
+            f'{result.missing_keys}, unexpected {result.unexpected_keys}')
+    return model
+
+
+def backbone(weights, arch=None, cifar_stem=None, progress=True):
+    """The backbone as main.py builds it (torchvision ResNet, fc = Identity) with one's own
+    weights: <arch>.pth or checkpoint.pth from main.py, or any file resnet50() accepts.
+
+    arch / cifar_stem default to the values saved in a main.py checkpoint, else resnet50 with
+    the ImageNet stem.
+    """
+    evaluate, main = _repo_module('evaluate'), _repo_module('main')
+    path = _local_file(weights, progress)
+    state, saved = evaluate.read_pretrained(path)
+    arch = arch or saved.get('arch', 'resnet50')
+    cifar_stem = bool(saved.get('cifar_stem', False) if cifar_stem is None else cifar_stem)
+    net, _ = main.build_backbone(arch, cifar_stem)
+    net.load_state_dict(evaluate.check_backbone_state(state, saved, path, arch, cifar_stem))
+    return net
+
+
+def barlowtwins(checkpoint, arch=None, cifar_stem=None, progress=True):
+    """The full pretrained model (main.BarlowTwins: backbone, projector, bn) from a checkpoint.pth
+    of main.py or of the original code. Projector sizes come from the weights; arch, cifar_stem,
+    lambd and scale_loss from the checkpoint's saved arguments when present (else resnet50,
+    ImageNet stem, 0.0051, 1)."""
+    main = _repo_module('main')
+    path = _local_file(checkpoint, progress)
+    ckpt = main.load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
+        raise main.InputError(f'{checkpoint} is not a full checkpoint.pth (no "model" entry); '
+                              f'for a backbone file use the "backbone" entry')
+    state = {(k[len('module.'):] if k.startswith('module.') else k): v
+             for k, v in ckpt['model'].items()}
+    saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    arch = arch or saved.get('arch', 'resnet50')
+    cifar_stem = bool(saved.get('cifar_stem', False) if cifar_stem is None else cifar_stem)
+    linear = sorted((int(k.split('.')[1]), v.shape[0]) for k, v in state.items()
+                    if re.fullmatch(r'projector\.\d+\.weight', k) and v.ndim == 2)
+    if not linear:
+        raise main.InputError(f'{checkpoint} has no projector weights (projector.<i>.weight)')
+    net, feature_dim = main.build_backbone(arch, cifar_stem)
+    model = main.BarlowTwins(backbone=net, feature_dim=feature_dim,
+                             projector='-'.join(str(size) for _, size in linear),
+                             lambd=saved.get('lambd', 0.0051),
+                             scale_loss=saved.get('scale_loss', 1.0))
+    model.load_state_dict(main.match_state_dict(state, model, str(checkpoint)))
+    return model
+
+
+def _local_file(source, progress=True):
+    """A local path for `source`: itself, or for a URL the torch.hub cache file, downloaded
+    (with a progress bar) only when it is not there yet."""
+    text = str(source)
+    if not re.match(r'^[a-zA-Z][a-zA-Z0-9+.-]*://', text):
+        return pathlib.Path(text).expanduser()
+    name = pathlib.Path(urllib.parse.urlparse(text).path).name or 'weights.pth'
+    if text != RELEASED_URL:
+        # Other URLs get a name of their own, so that e.g. file:///x/resnet50.pth never takes
+        # the released file's place in the cache.
+        name = f'{hashlib.sha256(text.encode()).hexdigest()[:8]}_{name}'
+    cached = pathlib.Path(torch.hub.get_dir()) / 'checkpoints' / name
+    if cached.is_file():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.write(f'Downloading: "{text}" to {cached}\n')
+    try:
+        torch.hub.download_url_to_file(text, str(cached), None, progress=progress)
+    except (OSError, ValueError) as e:
+        raise _repo_module('data').InputError(
+            f'cannot download {text}: {getattr(e, "reason", None) or e}; offline, pass a local '
+            f'file (weights=PATH) or place the file at {cached}') from None
+    return cached
+
+
+def _repo_module(name):
+    """This repository's module `name`, imported from this file's directory.
+
+    torch.hub puts the repository on sys.path, but a module of the same name already imported
+    from elsewhere (a user's own main.py or data.py) would shadow ours: set such modules aside
+    while ours are imported, then put them back (ours keep their references to each other).
+    """
+    module = sys.modules.get(name)
+    if module is not None and _is_ours(module):
+        return module
+    aside = {n: sys.modules.pop(n) for n in _REPO_MODULES
+             if n in sys.modules and not _is_ours(sys.modules[n])}
+    sys.path.insert(0, str(_HERE))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(_HERE))
+        sys.modules.update(aside)
+
+
+def _is_ours(module):
+    file = getattr(module, '__file__', None)
+    return bool(file) and pathlib.Path(file).resolve().parent == _HERE
+

@@ -1,0 +1,178 @@
+"""hubconf.py through torch.hub.load(<local clone>, ..., source='local'), offline."""
+import sys
+import types
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import torchvision
+
+import hubconf
+import main
+from conftest import ROOT
+from data import InputError
+from test_evaluate import pretrained_outputs
+
+
+def hub_load(entry, *args, **kwargs):
+    return torch.hub.load(str(ROOT), entry, *args, source='local', **kwargs)
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_loaded(model, state):
+    """Every tensor of `state` is in model, equal; only fc may be left over."""
+    model_state = model.state_dict()
+    assert set(model_state) - set(state) <= {'fc.weight', 'fc.bias'}
+    for k, v in state.items():
+        assert torch.equal(model_state[k], v), k
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError('the network was used')
+    for module, name in ((torch.hub, 'download_url_to_file'), (torch.hub, 'urlopen'),
+                         (urllib.request, 'urlopen')):
+        monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    return tmp_path / 'torch_home'
+
+
+@pytest.fixture(scope='module')
+def resnet50_file(tmp_path_factory):
+    """A resnet50.pth as main.py exports it, with random values unlike any initialisation."""
+    net, _ = main.build_backbone('resnet50')
+    gen = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + 7)
+             for k, v in net.state_dict().items()}
+    path = tmp_path_factory.mktemp('weights') / 'resnet50.pth'
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def pre(tmp_path_factory):
+    """main.py's resnet18.pth and checkpoint.pth on a tiny ImageFolder (shared with
+    test_evaluate.py: made once per session)."""
+    return pretrained_outputs(tmp_path_factory)
+
+
+def test_declares_dependencies_and_the_released_url():
+    assert hubconf.dependencies == ['torch', 'torchvision']
+    assert hubconf.RELEASED_URL == ('https://dl.fbaipublicfiles.com/barlowtwins/'
+                                    'ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth')
+
+
+def test_hub_load_local_without_weights(no_network):
+    model = hub_load('resnet50', pretrained=False)
+    assert isinstance(model, torchvision.models.ResNet)
+    assert model.fc.out_features == 1000 and model.layer4[2].conv3.out_channels == 2048
+    assert hub_load('resnet50', pretrained=False, num_classes=10).fc.out_features == 10
+
+
+def test_weights_from_a_local_file(resnet50_file, no_network):
+    model = hub_load('resnet50', weights=str(resnet50_file))
+    assert_loaded(model, load(resnet50_file))
+
+
+def test_weights_from_a_file_url_are_cached(resnet50_file, torch_home, monkeypatch):
+    model = hub_load('resnet50', weights=resnet50_file.as_uri(), progress=False)
+    assert_loaded(model, load(resnet50_file))
+    cached = list((torch_home / 'hub' / 'checkpoints').iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith('_resnet50.pth')
+    assert cached[0].read_bytes() == resnet50_file.read_bytes()
+    # not under the released file's cache name, which it would otherwise shadow
+    assert not (torch_home / 'hub' / 'checkpoints' / 'resnet50.pth').exists()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('the network was used')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', refuse)
+    assert_loaded(hub_load('resnet50', weights=resnet50_file.as_uri()), load(resnet50_file))
+
+
+def test_released_weights_from_a_populated_cache_offline(resnet50_file, torch_home, no_network):
+    checkpoints = torch_home / 'hub' / 'checkpoints'
+    checkpoints.mkdir(parents=True)
+    (checkpoints / 'resnet50.pth').symlink_to(resnet50_file)  # as the original hubconf cached it
+    model = hub_load('resnet50')  # pretrained=True: the released weights
+    assert_loaded(model, load(resnet50_file))
+
+
+def test_released_weights_offline_without_cache_is_a_clear_error(torch_home, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError('Temporary failure in name resolution')
+    monkeypatch.setattr(torch.hub, 'urlopen', unreachable)
+    cached = torch_home / 'hub' / 'checkpoints' / 'resnet50.pth'
+    with pytest.raises(InputError) as error:
+        hub_load('resnet50')
+    message = str(error.value)
+    assert hubconf.RELEASED_URL in message and 'name resolution' in message
+    assert str(cached) in message
+    assert list(cached.parent.iterdir()) == []  # nothing half-written is left to be trusted
+
+
+def test_wrong_files_raise_naming_keys(pre, tmp_path, no_network):
+    with pytest.raises(InputError, match=r'missing: layer1\.0\.bn3\.bias'):
+        hub_load('resnet50', weights=str(pre.backbone))  # a resnet18 backbone
+    torch.save({'foo.weight': torch.zeros(3)}, tmp_path / 'random.pth')
+    with pytest.raises(InputError, match=r'missing: bn1\.bias.*unexpected: foo\.weight'):
+        hub_load('resnet50', weights=str(tmp_path / 'random.pth'))
+    with pytest.raises(InputError, match='pretrained with --arch resnet18 --cifar-stem'):
+        hub_load('resnet50', weights=str(pre.checkpoint))
+
+
+def test_backbone_entry_loads_own_files(pre, no_network):
+    expected = load(pre.backbone)
+    net = hub_load('backbone', weights=str(pre.backbone), arch='resnet18', cifar_stem=True)
+    assert net.state_dict().keys() == expected.keys()
+    assert_loaded(net, expected)
+    net = hub_load('backbone', weights=str(pre.checkpoint))  # arch and stem from its saved args
+    assert_loaded(net, expected)
+    assert net.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    with pytest.raises(InputError, match='missing'):  # no saved args: resnet50 is assumed
+        hub_load('backbone', weights=str(pre.backbone))
+
+
+def test_barlowtwins_entry_loads_the_full_model(pre, tmp_path, no_network):
+    ckpt = load(pre.checkpoint)
+    expected = {k[len('module.'):]: v for k, v in ckpt['model'].items()}
+    model = hub_load('barlowtwins', checkpoint=str(pre.checkpoint))
+    assert isinstance(model, main.BarlowTwins)
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    assert [m.out_features for m in model.projector if isinstance(m, torch.nn.Linear)] == [32, 32]
+    assert model.lambd == 0.0051
+    loss = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    assert torch.isfinite(loss)
+
+    # the original's layout: no saved arguments, so the architecture is given
+    torch.save(dict(epoch=1, model=ckpt['model'], optimizer=ckpt['optimizer']),
+               tmp_path / 'original.pth')
+    model = hub_load('barlowtwins', checkpoint=str(tmp_path / 'original.pth'), arch='resnet18',
+                     cifar_stem=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(InputError, match='is not a full checkpoint'):
+        hub_load('barlowtwins', checkpoint=str(pre.backbone))
+
+
+def test_user_modules_with_our_names_do_not_shadow_ours(resnet50_file, monkeypatch, no_network):
+    # A user's project with its own main.py / data.py already imported, and our modules not yet.
+    for name in ('main', 'data', 'evaluate', 'distributed'):
+        monkeypatch.delitem(sys.modules, name)
+    users_main = types.ModuleType('main')
+    users_main.__file__ = '/elsewhere/main.py'
+    users_data = types.ModuleType('data')
+    users_data.__file__ = '/elsewhere/data.py'
+    monkeypatch.setitem(sys.modules, 'main', users_main)
+    monkeypatch.setitem(sys.modules, 'data', users_data)
+    model = hub_load('resnet50', weights=str(resnet50_file))
+    assert_loaded(model, load(resnet50_file))
+    assert sys.modules['main'] is users_main and sys.modules['data'] is users_data
