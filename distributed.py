@@ -5,7 +5,9 @@ One function, `launch`, runs a worker function in every process a run needs:
 * torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK): this process is one rank.
 * SLURM: either one task per GPU (srun --ntasks-per-node=GPUs) or, as the reference does, one task
   per node that starts one process per local GPU. The rendezvous host is the first node of the job;
-  the port is derived from the job id, so two jobs sharing a node do not collide.
+  the port is derived from the job id, so two jobs sharing a node do not collide. What SIGUSR1
+  (requeue) and SIGTERM do is preemption.py's business; a launcher that spawned processes
+  forwards both to them.
 * a plain `python main.py` on a machine with N GPUs: one process per GPU on a free local port.
 * no GPU (or --device cpu): a single CPU process, with a gloo process group of size one so that
   the training code is the same as in the distributed case.
@@ -69,21 +71,6 @@ def _slurm_master_host():
     return out.decode().splitlines()[0]
 
 
-def _requeue_on_sigusr1(signum, frame):
-    # SLURM sends SIGUSR1 shortly before preemption or the time limit (sbatch --signal=USR1@60).
-    job_id = os.environ.get('SLURM_JOB_ID')
-    if job_id:
-        subprocess.run(['scontrol', 'requeue', job_id], check=False)
-    sys.exit(0)
-
-
-def _install_slurm_signal_handlers():
-    signal.signal(signal.SIGUSR1, _requeue_on_sigusr1)
-    # SLURM sends SIGTERM to every process at requeue time; the reference ignores it so that the
-    # SIGUSR1 handler decides what happens.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def choose_device_type(requested):
     """'cuda' or 'cpu' from --device auto|cuda|cpu; never silently idle without a GPU."""
     if requested == 'cpu':
@@ -125,7 +112,7 @@ class LaunchPlan:
     world_size: int
     device_type: str
     init_method: str = None  # None: a group of one, in memory
-    slurm: bool = False
+    slurm: bool = False  # informational: the plan came from SLURM's variables
 
 
 def plan_launch(env, device_type, ngpus, master_host=None):
@@ -168,12 +155,21 @@ def launch(fn, fn_args=(), device='auto'):
     plan = plan_launch(os.environ, device_type, ngpus)
     if plan.init_method and '{free_port}' in plan.init_method:
         plan = dataclasses.replace(plan, init_method=plan.init_method.format(free_port=_free_port()))
-    if plan.slurm:
-        _install_slurm_signal_handlers()
     if plan.nprocs == 1:
         return _run_in_this_process(0, fn, fn_args, plan)
+    context = mp.spawn(_run_in_this_process, (fn, fn_args, plan), nprocs=plan.nprocs, join=False)
+
+    def forward(signum, frame):
+        # Stop signals sent to this launcher only (kill PID) reach the training processes,
+        # which save a checkpoint and exit; SLURM signals them directly as well.
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
     try:
-        mp.spawn(_run_in_this_process, (fn, fn_args, plan), nprocs=plan.nprocs)
+        while not context.join():
+            pass
     except mp.ProcessExitedException as e:
         # The failing worker has already printed its own one-line error.
         sys.exit(e.exit_code or 1)

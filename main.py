@@ -31,8 +31,9 @@ import torchvision.transforms as transforms
 from torch import nn, optim
 
 import distributed
-from data import InputError, image_folder, make_demo_dataset
+from data import EpochSampler, InputError, SeededSamples, image_folder, make_demo_dataset
 from monitor import OnlineProbe, Progress, StatsLog
+from preemption import RunLock, StopRequests, parse_duration
 
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
          'wide_resnet101_2', 'resnext50_32x4d', 'resnext101_32x8d', 'resnext101_64x4d')
@@ -62,6 +63,13 @@ def non_negative_int(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text}')
     return value
+
+
+def duration(text):
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def get_arguments():
@@ -117,6 +125,13 @@ def get_arguments():
                              'but still divides by the full batch size)')
     parser.add_argument('--seed', default=0, type=int, help='seed for initialisation, data order '
                         'and augmentations (each epoch reseeds, so resumed runs repeat exactly)')
+    parser.add_argument('--checkpoint-every', default=None, type=duration, metavar='TIME',
+                        help='also write checkpoint.pth in the middle of epochs every TIME (e.g. '
+                             '30m, 2h, 900s); a resumed run continues at the exact step')
+    parser.add_argument('--bad-images', default='stop', choices=('stop', 'skip'),
+                        help='an unreadable image stops the run naming the file (stop, as the '
+                             'reference) or is replaced by the next readable one and counted '
+                             '(skip)')
     parser.add_argument('--online-probe', action=argparse.BooleanOptionalAction, default=True,
                         help='train a linear classifier on detached features of view 1 with the '
                              'dataset labels and log its running top-1 as online_acc1 (it does '
@@ -201,6 +216,10 @@ def main_worker(info, args):
     except InputError as e:
         print(f'main.py: error (rank {info.rank}): {e}', file=sys.stderr, flush=True)
         sys.exit(1)
+    except Stopped as e:
+        if info.is_main:
+            print(f'main.py: {e}', file=sys.stderr, flush=True)
+        sys.exit(0)
 
 
 @dataclasses.dataclass
@@ -215,8 +234,21 @@ class Run:
     precision: str
     log: StatsLog
     progress: Progress
+    stop: StopRequests
     probe: OnlineProbe = None
     start_time: float = dataclasses.field(default_factory=time.time)
+    last_save: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def steps_per_epoch(self):
+        # The full epoch's length, also while a resumed epoch's loader yields fewer batches.
+        sampler, batch = self.loader.sampler, self.loader.batch_size
+        return sampler.num_samples // batch if self.loader.drop_last \
+            else math.ceil(sampler.num_samples / batch)
+
+
+class Stopped(Exception):
+    """A stop signal was handled: the checkpoint is written, the process should exit 0."""
 
 
 def train(info, args):
@@ -224,6 +256,22 @@ def train(info, args):
     if args.batch_size % info.world_size != 0:
         raise InputError(f'--batch-size {args.batch_size} is not divisible by the world size '
                          f'{info.world_size}')
+    lock = RunLock(args.checkpoint_dir).acquire() if info.is_main else None
+    try:
+        if info.is_main:
+            remove_temporaries(args.checkpoint_dir)
+        run, start_epoch, start_step = build_run(info, args)
+        try:
+            train_epochs(run, start_epoch, start_step)
+        finally:
+            run.stop.close()
+            run.log.close()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def build_run(info, args):
     log = StatsLog(args.checkpoint_dir / 'stats.txt', args.command, info.is_main,
                    args.checkpoint_dir / 'tensorboard' if args.tensorboard else None)
     seed_everything(args.seed)
@@ -231,36 +279,40 @@ def train(info, args):
     precision = args.precision or ('fp16' if info.device.type == 'cuda' else 'fp32')
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == 'fp16')
     loader = build_loader(args, info)
-    probe = build_probe(args, info, model, loader.dataset)
-    start_epoch = resume(args, model, optimizer, scaler, probe)
+    probe = build_probe(args, info, model, loader.dataset.dataset)
+    start_epoch, start_step = resume(args, model, optimizer, scaler, probe)
     progress = Progress(len(loader), args.epochs, args.batch_size, info.is_main)
-    run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress, probe)
+    run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress,
+              StopRequests(info.world_size), probe)
     if info.is_main:
         print_provenance(run)
+    return run, start_epoch, start_step
 
+
+def train_epochs(run, start_epoch, start_step):
+    args, info = run.args, run.info
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, info.rank)
-        loader.sampler.set_epoch(epoch)
-        train_one_epoch(run, epoch)
+        train_one_epoch(run, epoch, start_step if epoch == start_epoch else 0)
         if info.is_main:
             save_checkpoint(run, epoch + 1)
     if info.is_main:
-        backbone = model.module.backbone.state_dict()
+        backbone = run.model.module.backbone.state_dict()
         save_atomic(backbone, args.checkpoint_dir / f'{args.arch}.pth')
-    log.close()
 
 
-def train_one_epoch(run, epoch):
+def train_one_epoch(run, epoch, first_step=0):
     args, info = run.args, run.info
     autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(run.precision)
     grad_factor = gradient_factor(args, info.world_size)
     # First step with a non-finite loss, kept on the device so no step waits for the host.
     bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
-    run.progress.start_epoch(epoch)
-    for step, ((y1, y2), labels) in enumerate(run.loader, start=epoch * len(run.loader)):
+    start_epoch_of_loader(run, epoch, first_step)
+    steps = run.steps_per_epoch
+    for step, ((y1, y2), labels) in enumerate(run.loader, start=epoch * steps + first_step):
         y1 = y1.to(info.device, non_blocking=True)
         y2 = y2.to(info.device, non_blocking=True)
-        adjust_learning_rate(args, run.optimizer, run.loader, step)
+        set_learning_rates(args, run.optimizer, step, steps)
         run.optimizer.zero_grad()
         with torch.autocast(info.device.type, dtype=autocast_dtype,
                             enabled=autocast_dtype is not None):
@@ -274,8 +326,44 @@ def train_one_epoch(run, epoch):
         logged_loss = log_step(run, epoch, step, loss, bad_step) \
             if step % args.print_freq == 0 else None
         run.progress.step(logged_loss)
+        between_steps(run, epoch, step + 1 - epoch * steps, bad_step)
     stop_if_non_finite(bad_step, args)
     run.progress.end_epoch()
+    report_skipped_images(run, epoch)
+
+
+def start_epoch_of_loader(run, epoch, first_step):
+    run.loader.sampler.set_epoch(epoch)
+    run.loader.sampler.start = first_step * run.loader.batch_size  # mid-epoch resume
+    run.loader.dataset.set_epoch(epoch)
+    run.progress.start_epoch(epoch)
+    run.progress.done = first_step
+
+
+def between_steps(run, epoch, steps_done, bad_step):
+    """Mid-epoch checkpoints on --checkpoint-every, and stopping on SIGTERM/SIGUSR1."""
+    signum = run.stop.agreed()
+    every = run.args.checkpoint_every
+    due = every is not None and time.time() - run.last_save >= every
+    if not (signum or due):
+        return
+    stop_if_non_finite(bad_step, run.args)  # never checkpoint a diverged model
+    if run.info.is_main:
+        save_checkpoint(run, epoch, steps_done)
+    run.last_save = time.time()
+    if signum:
+        requeued = run.info.is_main and StopRequests.requeue_if_slurm(signum)
+        raise Stopped(f'stopped by signal {signum} at epoch {epoch}, step {steps_done} of the '
+                      f'epoch; checkpoint saved' + ('; job requeued' if requeued else ''))
+
+
+def report_skipped_images(run, epoch):
+    skipped = torch.tensor([run.loader.dataset.take_skipped()], dtype=torch.int64)
+    if run.info.world_size > 1 and run.args.bad_images == 'skip':
+        dist.all_reduce(skipped, group=run.stop.group)
+    if run.info.is_main and skipped.item():
+        print(f'epoch {epoch}: skipped {skipped.item()} unreadable image(s) (see the lines '
+              f'starting with "skipping:")', file=sys.stderr, flush=True)
 
 
 def log_step(run, epoch, step, loss, bad_step):
@@ -374,9 +462,10 @@ def build_model_and_optimizer(args, info):
 
 
 def build_loader(args, info):
-    dataset = image_folder(args.data, Transform(args.crop_size))
-    sampler = torch.utils.data.distributed.DistributedSampler(
-        dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed)
+    folder = image_folder(args.data, Transform(args.crop_size))
+    dataset = SeededSamples(folder, args.seed, skip_bad=args.bad_images == 'skip')
+    sampler = EpochSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                           seed=args.seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size // info.world_size, num_workers=args.workers,
         pin_memory=info.device.type == 'cuda', sampler=sampler, drop_last=args.drop_last)
@@ -423,6 +512,12 @@ def save_atomic(obj, path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(directory):
+    # Left by writes that a kill cut short; safe to delete while this run holds the lock.
+    for path in directory.glob('.*.pth.tmp-*'):
+        path.unlink(missing_ok=True)
 
 
 def exclude_bias_and_norm(p):
@@ -483,8 +578,15 @@ def match_state_dict(state, model, what):
     return renamed
 
 
-def save_checkpoint(run, next_epoch):
-    state = dict(epoch=next_epoch, model=run.model.state_dict(),
+def save_checkpoint(run, epoch, steps_done=0):
+    """checkpoint.pth to continue at `epoch` after its first `steps_done` steps.
+
+    At an epoch end this is the reference's {epoch (next to run), model, optimizer}; the extra
+    entries (scaler, args, probe, step_in_epoch) are ignored by the reference code.
+    """
+    if steps_done >= run.steps_per_epoch:
+        epoch, steps_done = epoch + 1, 0
+    state = dict(epoch=epoch, step_in_epoch=steps_done, model=run.model.state_dict(),
                  optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
                  args=checkpoint_args(run.args))
     if run.probe is not None:
@@ -493,10 +595,12 @@ def save_checkpoint(run, next_epoch):
 
 
 def resume(args, model, optimizer, scaler, probe=None):
-    """Resume from checkpoint_dir/checkpoint.pth when present (ours or the reference's)."""
+    """Resume from checkpoint_dir/checkpoint.pth when present (ours or the reference's).
+
+    Returns (epoch, steps already done in that epoch)."""
     path = args.checkpoint_dir / 'checkpoint.pth'
     if not path.is_file():
-        return 0
+        return 0, 0
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or not {'epoch', 'model', 'optimizer'} <= set(ckpt):
         raise InputError(f'{path} is not a main.py checkpoint (expected epoch, model, optimizer)')
@@ -526,7 +630,7 @@ def resume(args, model, optimizer, scaler, probe=None):
         scaler.load_state_dict(ckpt['scaler'])
     if probe is not None and ckpt.get('probe'):
         probe.load_state_dict(ckpt['probe'])
-    return ckpt['epoch']
+    return ckpt['epoch'], ckpt.get('step_in_epoch', 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +650,11 @@ def learning_rate_schedule(step, steps_per_epoch, epochs, batch_size, warmup_epo
 
 
 def adjust_learning_rate(args, optimizer, loader, step):
-    lr = learning_rate_schedule(step, len(loader), args.epochs, args.batch_size,
+    set_learning_rates(args, optimizer, step, len(loader))
+
+
+def set_learning_rates(args, optimizer, step, steps_per_epoch):
+    lr = learning_rate_schedule(step, steps_per_epoch, args.epochs, args.batch_size,
                                 getattr(args, 'warmup_epochs', 10))
     if getattr(args, 'learning_rate', None) is not None:
         for group in optimizer.param_groups:

@@ -86,13 +86,13 @@ def test_resnet50_export_loads_into_torchvision(tmp_path):
 
 
 def crash_at_step(monkeypatch, crash_step):
-    real = main.adjust_learning_rate
+    real = main.set_learning_rates
 
-    def adjust(args, optimizer, loader, step):
+    def set_rates(args, optimizer, step, steps_per_epoch):
         if step == crash_step:
             raise KeyboardInterrupt('simulated kill')
-        return real(args, optimizer, loader, step)
-    monkeypatch.setattr(main, 'adjust_learning_rate', adjust)
+        return real(args, optimizer, step, steps_per_epoch)
+    monkeypatch.setattr(main, 'set_learning_rates', set_rates)
 
 
 def test_interrupted_run_resumes_to_identical_weights(tiny_imagefolder, tmp_path, monkeypatch):

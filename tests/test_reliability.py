@@ -1,0 +1,159 @@
+"""Preemption, crashes and broken storage lose nothing (main.py on CPU)."""
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main
+import preemption
+from conftest import ROOT
+from test_main import assert_same_tensors, crash_at_step, load_state, read_stats, tiny_args
+
+
+def test_parse_duration():
+    assert preemption.parse_duration('30m') == 1800
+    assert preemption.parse_duration('2h') == 7200
+    assert preemption.parse_duration('1.5h') == 5400
+    assert preemption.parse_duration('45') == 45
+    with pytest.raises(ValueError):
+        preemption.parse_duration('soon')
+
+
+def test_mid_epoch_checkpoint_resumes_exactly(tiny_imagefolder, tmp_path, monkeypatch):
+    straight, broken = tmp_path / 'straight', tmp_path / 'broken'
+    main.main(tiny_args(tiny_imagefolder, straight, epochs=3))
+    with monkeypatch.context() as m:
+        crash_at_step(m, 5)  # epoch 1 has run steps 3 and 4
+        with pytest.raises(KeyboardInterrupt):
+            main.main(tiny_args(tiny_imagefolder, broken, '--checkpoint-every', '0s', epochs=3))
+    ckpt = load_state(broken / 'checkpoint.pth')
+    assert (ckpt['epoch'], ckpt['step_in_epoch']) == (1, 2)
+    # resumed with another worker count: the views depend only on (seed, epoch, sample)
+    main.main(tiny_args(tiny_imagefolder, broken, epochs=3, workers=2))
+    _, stats = read_stats(broken)
+    assert [s['step'] for s in stats] == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # nothing ran twice
+    assert_same_tensors(load_state(straight / 'resnet18.pth'), load_state(broken / 'resnet18.pth'))
+
+
+def start(data, ckdir, *extra, epochs):
+    return subprocess.Popen([sys.executable, str(ROOT / 'main.py'),
+                             *tiny_args(data, ckdir, *extra, epochs=epochs)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            return False
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError('timed out')
+        time.sleep(0.005)
+    return True
+
+
+def logged_steps(ckdir):
+    path = ckdir / 'stats.txt'
+    return path.read_text().count('"step"') if path.exists() else 0
+
+
+def test_sigterm_saves_and_run_resumes_mid_epoch(tiny_imagefolder, tmp_path):
+    straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
+    main.main(tiny_args(tiny_imagefolder, straight, epochs=4))
+    proc = start(tiny_imagefolder, stopped, epochs=4)
+    assert wait_for(lambda: logged_steps(stopped) >= 5, proc), proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert 'stopped by signal' in err and 'checkpoint saved' in err
+    ckpt = load_state(stopped / 'checkpoint.pth')
+    done = ckpt['epoch'] * 3 + ckpt['step_in_epoch']
+    assert 5 <= done < 12, (ckpt['epoch'], ckpt['step_in_epoch'])
+    assert not (stopped / 'resnet18.pth').exists()
+    main.main(tiny_args(tiny_imagefolder, stopped, epochs=4))
+    assert_same_tensors(load_state(straight / 'resnet18.pth'), load_state(stopped / 'resnet18.pth'))
+
+
+def test_sigkill_at_random_moments_never_loses_the_run(tiny_imagefolder, tmp_path):
+    """Ten SIGKILLs (some during a checkpoint write), resumed each time: same final weights."""
+    straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+    epochs = 6  # 18 steps; a checkpoint after every step
+    main.main(tiny_args(tiny_imagefolder, straight, epochs=epochs))
+    rng = random.Random(1)
+    kills, kills_during_write = 0, 0
+    while kills < 10:
+        proc = start(tiny_imagefolder, killed, '--checkpoint-every', '0s', epochs=epochs)
+        if kills % 3 == 2:  # kill while a checkpoint is being written
+            writing = lambda: any(p.name.startswith('.checkpoint.pth.tmp') for p in killed.iterdir())
+            alive = wait_for(lambda: killed.exists() and writing(), proc)
+            kills_during_write += alive
+        else:  # kill after the next logged step, at a random moment
+            before = logged_steps(killed)
+            alive = wait_for(lambda: logged_steps(killed) > before, proc)
+            time.sleep(rng.uniform(0, 0.3))
+        proc.kill()
+        proc.wait()
+        assert alive or proc.returncode == 0, proc.stderr.read()
+        kills += 1
+        if (killed / 'checkpoint.pth').exists():
+            ckpt = load_state(killed / 'checkpoint.pth')  # never corrupt
+            assert ckpt['epoch'] < epochs, 'the run finished before ten kills'
+    assert kills_during_write >= 3
+    main.main(tiny_args(tiny_imagefolder, killed, epochs=epochs))
+    assert_same_tensors(load_state(straight / 'resnet18.pth'), load_state(killed / 'resnet18.pth'))
+    # temporary files of writes cut short are cleared by the next run
+    assert [p.name for p in killed.iterdir() if '.tmp-' in p.name] == []
+
+
+def test_second_run_on_same_directory_is_refused(tiny_imagefolder, tmp_path, capsys):
+    ckdir = tmp_path / 'ck'
+    other = preemption.RunLock(ckdir).acquire()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main.main(tiny_args(tiny_imagefolder, ckdir, epochs=1))
+    finally:
+        other.release()
+    assert exit_info.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and 'in use by another run' in err[0] and f'pid {os.getpid()}' in err[0]
+    assert not (ckdir / 'stats.txt').exists()
+    main.main(tiny_args(tiny_imagefolder, ckdir, epochs=1))  # free again once released
+    assert (ckdir / 'resnet18.pth').exists()
+
+
+def test_disk_full_keeps_previous_checkpoint(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    ckdir = tmp_path / 'ck'
+    main.main(tiny_args(tiny_imagefolder, ckdir, epochs=1))
+    before = (ckdir / 'checkpoint.pth').read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # write the bytes, then fail as a full disk would
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(main.torch, 'save', full_disk)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(tiny_args(tiny_imagefolder, ckdir, epochs=2))
+    assert exit_info.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if 'error' in line]
+    assert len(err) == 1 and 'No space left on device' in err[0] and 'unchanged' in err[0]
+    assert (ckdir / 'checkpoint.pth').read_bytes() == before
+    assert [p.name for p in ckdir.iterdir() if 'tmp' in p.name] == []
+
+
+def test_skip_bad_images_counts_them(tiny_imagefolder, tmp_path, capsys):
+    bad = tiny_imagefolder / 'train' / 'class_b' / 'class_b_3.JPEG'
+    bad.write_bytes(bad.read_bytes()[:200])
+    main.main(tiny_args(tiny_imagefolder, tmp_path / 'ck', '--bad-images', 'skip', epochs=2))
+    err = capsys.readouterr().err
+    assert err.count('skipping: cannot read image') == 2 and 'class_b_3.JPEG' in err
+    assert 'epoch 0: skipped 1 unreadable image(s)' in err
+    assert 'epoch 1: skipped 1 unreadable image(s)' in err
+    assert (tmp_path / 'ck' / 'resnet18.pth').exists()
