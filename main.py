@@ -136,6 +136,10 @@ def get_arguments():
                         help='train a linear classifier on detached features of view 1 with the '
                              'dataset labels and log its running top-1 as online_acc1 (it does '
                              'not touch the backbone\'s gradients)')
+    parser.add_argument('--knn-every', default=0, type=non_negative_int, metavar='N',
+                        help='every N epochs, log the weighted kNN top-1 (k=20, 200) of the '
+                             'backbone features: bank DIR/train, queries DIR/val (or a held-out '
+                             '10%% of DIR/train when there is no val); 0 = off')
     parser.add_argument('--tensorboard', action='store_true',
                         help='also log the stats to CHECKPOINT_DIR/tensorboard (needs the '
                              'tensorboard package)')
@@ -236,6 +240,7 @@ class Run:
     progress: Progress
     stop: StopRequests
     probe: OnlineProbe = None
+    knn_loaders: tuple = None
     start_time: float = dataclasses.field(default_factory=time.time)
     last_save: float = dataclasses.field(default_factory=time.time)
 
@@ -283,7 +288,7 @@ def build_run(info, args):
     start_epoch, start_step = resume(args, model, optimizer, scaler, probe)
     progress = Progress(len(loader), args.epochs, args.batch_size, info.is_main)
     run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress,
-              StopRequests(info.world_size), probe)
+              StopRequests(info.world_size), probe, build_knn_loaders(args, info))
     if info.is_main:
         print_provenance(run)
     return run, start_epoch, start_step
@@ -294,6 +299,8 @@ def train_epochs(run, start_epoch, start_step):
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, info.rank)
         train_one_epoch(run, epoch, start_step if epoch == start_epoch else 0)
+        if args.knn_every and (epoch + 1) % args.knn_every == 0:
+            knn_monitor(run, epoch)
         if info.is_main:
             save_checkpoint(run, epoch + 1)
     if info.is_main:
@@ -469,6 +476,47 @@ def build_loader(args, info):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size // info.world_size, num_workers=args.workers,
         pin_memory=info.device.type == 'cuda', sampler=sampler, drop_last=args.drop_last)
+
+
+def build_knn_loaders(args, info):
+    """(bank, query) loaders for the kNN monitor, sharded over the ranks without padding."""
+    if not args.knn_every:
+        return None
+    import evaluate  # evaluate.py imports this module: import it only when asked for
+    bank = image_folder(args.data, evaluate.val_transform(args.crop_size))
+    if (Path(args.data) / 'val').is_dir() or str(args.data).endswith(('.h5', '.hdf5')):
+        try:
+            queries = image_folder(args.data, evaluate.val_transform(args.crop_size), 'val')
+        except InputError:
+            queries = None
+    else:
+        queries = None
+    if queries is not None:
+        evaluate.align_classes(queries, bank)
+    else:  # hold out every 10th image (a fixed, class-balanced-enough slice) as queries
+        held_out = list(range(0, len(bank), 10))
+        kept = sorted(set(range(len(bank))) - set(held_out))
+        bank, queries = (torch.utils.data.Subset(bank, kept), torch.utils.data.Subset(bank, held_out))
+    per_device = args.batch_size // info.world_size
+    return (evaluate.make_eval_loader(bank, per_device, args.workers, info),
+            evaluate.make_eval_loader(queries, per_device, args.workers, info))
+
+
+def knn_monitor(run, epoch):
+    import evaluate
+    bank_loader, query_loader = run.knn_loaders
+    folder = bank_loader.dataset.dataset if isinstance(bank_loader.dataset,
+                                                       torch.utils.data.Subset) \
+        else bank_loader.dataset
+    autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(run.precision)
+    with torch.autocast(run.info.device.type, dtype=autocast_dtype,
+                        enabled=autocast_dtype is not None):
+        top1 = evaluate.knn_evaluate(run.model.module.backbone, bank_loader, query_loader,
+                                     run.info.device, num_classes=len(folder.classes))
+    run.model.train()  # knn_evaluate put the backbone in eval mode
+    stats = dict(epoch=epoch, **{f'knn_top1_k{k}': v for k, v in top1.items()},
+                 time=int(time.time() - run.start_time))
+    run.log.write(stats, (epoch + 1) * run.steps_per_epoch)
 
 
 def build_probe(args, info, model, dataset):

@@ -142,3 +142,27 @@ def test_tensorboard_flag_without_package_is_a_clear_error(tmp_path, monkeypatch
     with pytest.raises(main.InputError, match='pip install tensorboard'):
         monitor.StatsLog(tmp_path / 'stats.txt', 'cmd', enabled=True,
                          tensorboard_dir=tmp_path / 'tb')
+
+
+def test_knn_monitor_logs_at_requested_epochs(tiny_imagefolder, tmp_path):
+    from test_main import assert_same_tensors, tiny_args
+    main.main(tiny_args(tiny_imagefolder, tmp_path / 'knn', '--knn-every', '2', epochs=4))
+    main.main(tiny_args(tiny_imagefolder, tmp_path / 'plain', epochs=4))
+    knn = [s for s in stats_of(tmp_path / 'knn') if 'knn_top1_k20' in s]
+    assert [s['epoch'] for s in knn] == [1, 3]
+    assert all(set(s) == {'epoch', 'knn_top1_k20', 'knn_top1_k200', 'time'} for s in knn)
+    # 4 val images: every accuracy is a multiple of 25%
+    assert all(s[k] in (0.0, 25.0, 50.0, 75.0, 100.0) for s in knn for k in s if 'knn' in k)
+    # evaluating in between epochs does not change training
+    assert_same_tensors(torch.load(tmp_path / 'knn' / 'resnet18.pth', weights_only=True),
+                        torch.load(tmp_path / 'plain' / 'resnet18.pth', weights_only=True))
+
+
+def test_knn_monitor_holds_out_train_images_without_val(tiny_imagefolder, tmp_path):
+    import shutil
+    from test_main import tiny_args
+    shutil.rmtree(tiny_imagefolder / 'val')
+    main.main(tiny_args(tiny_imagefolder, tmp_path / 'ck', '--knn-every', '1', epochs=1))
+    knn = [s for s in stats_of(tmp_path / 'ck') if 'knn_top1_k20' in s]
+    # 12 training images: every 10th (2 images) are the queries, so accuracies are 0/50/100%
+    assert len(knn) == 1 and knn[0]['knn_top1_k20'] in (0.0, 50.0, 100.0)
