@@ -320,3 +320,33 @@ def test_two_cpu_processes_train(tiny_imagefolder, tmp_path):
     # 12 images over 2 ranks with 2 per rank: 3 steps per epoch, as with one process
     assert [s['step'] for s in stats] == list(range(6))
     assert load_state(ckdir / 'checkpoint.pth')['epoch'] == 2
+
+
+def test_fast_settings_train_and_keep_the_checkpoint_layout(tiny_imagefolder, tmp_path):
+    reference, fast = tmp_path / 'reference', tmp_path / 'fast'
+    main.main(tiny_args(tiny_imagefolder, reference, epochs=1))
+    # --fast without compiling (a CPU compile of ResNet-18 takes minutes): bf16, channels-last,
+    # multi-tensor LARS
+    main.main(tiny_args(tiny_imagefolder, fast, '--precision', 'bf16', '--channels-last',
+                        '--lars-foreach', epochs=1))
+    a, b = load_state(reference / 'checkpoint.pth'), load_state(fast / 'checkpoint.pth')
+    assert a['model'].keys() == b['model'].keys()
+    _, stats = read_stats(fast)
+    assert all(torch.isfinite(torch.tensor(s['loss'])) for s in stats)
+    assert b['args']['precision'] == 'bf16'
+
+
+def test_compiled_model_keeps_parameter_names(tiny_imagefolder, tmp_path):
+    args = main.parse_arguments(tiny_args(tiny_imagefolder, tmp_path / 'ck', '--fast'))
+    assert (args.precision, args.channels_last, args.compile, args.lars_foreach) == \
+        ('bf16', True, True, True)
+    info = distributed.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device('cpu'))
+    distributed._init_process_group(0, 0, 1, 'cpu')
+    try:
+        compiled, optimizer = main.build_model_and_optimizer(args, info)
+        args.compile = False
+        plain, _ = main.build_model_and_optimizer(args, info)
+    finally:
+        distributed.cleanup()
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+    assert optimizer.foreach

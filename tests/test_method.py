@@ -225,7 +225,7 @@ def small_net():
                          nn.Linear(12, 4)).double()
 
 
-def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05)):
+def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05), foreach=False):
     """`steps` LARS steps on small_net with two groups (weights, 1-D) at different lr, and the
     same steps by ref_lars_step fed the same gradients; returns the LARS optimizer."""
     net = small_net()
@@ -233,7 +233,7 @@ def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05)):
     biases = [p for p in net.parameters() if p.dim() == 1]
     opt = main.LARS([{'params': weights, 'lr': lrs[0]}, {'params': biases, 'lr': lrs[1]}], lr=0,
                     weight_decay=weight_decay, weight_decay_filter=filters[0],
-                    lars_adaptation_filter=filters[1])
+                    lars_adaptation_filter=filters[1], foreach=foreach)
     ref = [[p.detach().clone() for p in weights], [p.detach().clone() for p in biases]]
     ref_state = [{}, {}]
     gen = torch.Generator().manual_seed(3)
@@ -263,8 +263,9 @@ def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05)):
     ((lambda p: p.dim() == 4, lambda p: p.dim() == 2), (lambda p: p.dim() == 4,
                                                         lambda p: p.dim() == 2)),
 ], ids=['true', 'exclude_bias_and_norm', 'false', 'none', 'wd-all', 'lars-all', 'custom'])
-def test_lars_matches_reference_over_several_steps(filters, ref_skips):
-    opt, (weights, biases), ref_state = run_lars(filters, ref_skips)
+@pytest.mark.parametrize('foreach', [False, True], ids=['loop', 'foreach'])
+def test_lars_matches_reference_over_several_steps(filters, ref_skips, foreach):
+    opt, (weights, biases), ref_state = run_lars(filters, ref_skips, foreach=foreach)
     # A single buffer named mu per parameter, equal to the reference's momentum buffer.
     for k, group in enumerate((weights, biases)):
         for i, p in enumerate(group):
@@ -291,11 +292,12 @@ def test_lars_1d_params_get_neither_weight_decay_nor_trust_ratio():
             torch.testing.assert_close(step_norm, 0.5 * 0.001 * p0.norm(), rtol=1e-10, atol=0)
 
 
-def test_lars_zero_norms_use_ratio_one():
+@pytest.mark.parametrize('foreach', [False, True], ids=['loop', 'foreach'])
+def test_lars_zero_norms_use_ratio_one(foreach):
     p_zero = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))  # ||p|| = 0
     p_still = nn.Parameter(torch.ones(3, 2, dtype=torch.float64))  # ||g|| = 0 (no weight decay)
     opt = main.LARS([p_zero, p_still], lr=0.1, weight_decay=0, weight_decay_filter=True,
-                    lars_adaptation_filter=True)
+                    lars_adaptation_filter=True, foreach=foreach)
     g = torch.arange(6, dtype=torch.float64).view(3, 2)
     p_zero.grad, p_still.grad = g.clone(), torch.zeros(3, 2, dtype=torch.float64)
     opt.step()
