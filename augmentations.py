@@ -1,0 +1,448 @@
+"""The fast augmentation path: the reference's two views, split between workers and the device.
+
+The reference (`main.Transform`) runs everything in PIL inside the DataLoader workers. Here the
+workers only decode and crop, to uint8; the colour work runs batched on the training device:
+
+    workers  CropTransform: RandomResizedCrop (bicubic) + horizontal flip per view -> uint8
+             (JPEGs are decoded at 1/2, 1/4 or 1/8 size when both crops stay >= crop_size)
+    device   BatchAugment: ColorJitter p=0.8 (random order per sample) -> grayscale p=0.2
+             -> Gaussian blur p (view 1: 1.0, view 2: 0.1) -> solarize p (0.0 / 0.2) -> Normalize
+
+Every probability, range and the order of the ops are the reference's; parameters are drawn per
+sample. Wiring (main.py):
+
+    folder = ImageFolder(root / 'train', transform=CropTransform(crop), loader=open_for_crop)
+    augment = FastTwoViews().to(device)                                  # once
+    y1, y2 = augment(y1.to(device, non_blocking=True), y2.to(device, non_blocking=True),
+                     generator=step_generator(device, seed, step, rank))  # each step
+
+Deviations from the PIL reference (tests/test_augmentations.py measures each): the colour ops
+run on float32 with torchvision's tensor formulas and PIL's 601-2 luma weights, without uint8
+rounding between ops (PIL's blend truncates, so the reference is ~0.45 level darker per
+brightness/contrast/saturation op; PIL's hue works on uint8 HSV, a few levels apart); the blur
+is PIL's three-box approximation without its per-pass rounding (<= 3 levels); the bicubic
+resize is torch's antialiased uint8 one, PIL's filter with different rounding (<= 3 levels);
+a JPEG decoded at reduced size is shrunk by libjpeg's DCT scaling first, its crop box rounded
+to whole reduced pixels.
+"""
+import io
+import time
+
+import numpy as np
+from PIL import Image
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as transforms
+from torch import nn
+
+from data import InputError
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # as main.py's
+DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)
+SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(threshold=128): x >= 128 -> 255 - x
+SIGMA_RANGE = (0.1, 2.0)  # the reference's GaussianBlur: sigma = random.random() * 1.9 + 0.1
+BLUR_PASSES, BOX_RADIUS = 3, 2  # PIL's box passes per axis, and their reach for sigma <= 2
+JITTER_OPS = ('brightness', 'contrast', 'saturation', 'hue')  # torchvision's fn_idx numbering
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: decode (at reduced size when the crops allow it) and crop, to uint8
+# ---------------------------------------------------------------------------------------------
+
+def open_for_crop(source, name=None):
+    """A lazily decoded PIL image from a path or encoded bytes (`ImageFolder`'s `loader`).
+
+    Decoding is left to `CropTransform`, which first asks libjpeg for a reduced size when both
+    crops allow it. `name` (default: the path) is what errors report; it rides on the image.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview, np.ndarray)):
+        fp, name = io.BytesIO(bytes(source)), name or '<bytes>'
+    else:
+        fp, name = source, name or str(source)
+    try:
+        img = Image.open(fp)
+    except DECODE_ERRORS as e:
+        raise InputError(f'cannot read image {name}: {e}') from None
+    img.source_name = name
+    return img
+
+
+def draft_scale(params, crop_size):
+    """The largest JPEG reduction (8, 4, 2 or 1) that leaves every crop's short side >=
+    crop_size pixels, so the bicubic resize still only shrinks (or keeps) the crops."""
+    short = min(min(h, w) for _, _, h, w, _ in params)
+    for scale in (8, 4, 2):
+        if short >= scale * crop_size:
+            return scale
+    return 1
+
+
+def crop_views(img, params, crop_size, draft=True):
+    """((view1, view2), scale): uint8 (3, crop_size, crop_size) crops of a PIL image.
+
+    `params` holds one (i, j, h, w, flip) per view in full-resolution coordinates
+    (`RandomResizedCrop.get_params` order). A JPEG not yet decoded is decoded at 1/scale size
+    (`draft_scale`) and the crop boxes are scaled to it, rounded to whole pixels. Resizing is
+    torch's uint8 bicubic with antialiasing, which follows PIL's BICUBIC resize (within one
+    level) at a quarter of its cost.
+    """
+    name = getattr(img, 'source_name', None) or getattr(img, 'filename', None) or '<image>'
+    width = img.size[0]
+    scale = draft_scale(params, crop_size) if draft else 1
+    if scale > 1:
+        got = img.draft('RGB', (img.size[0] // scale, img.size[1] // scale))
+        scale = width / got[1][2] if got else 1  # None: not a JPEG, or already decoded
+    try:
+        img.load()
+        rgb = img if img.mode == 'RGB' else img.convert('RGB')
+        pixels = torch.from_numpy(np.array(rgb))  # (H, W, 3)
+    except DECODE_ERRORS as e:
+        img.close()  # PIL leaves a file opened by path open when decoding fails
+        raise InputError(f'cannot read image {name}: {e}') from None
+    pixels = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W), channels-last in memory
+    views = []
+    for i, j, h, w, flip in params:
+        if scale != 1:
+            top, left = round(i / scale), round(j / scale)
+            h, w = max(1, round((i + h) / scale) - top), max(1, round((j + w) / scale) - left)
+            i, j = top, left
+        views.append(resized_crop(pixels, (i, j, h, w, flip), crop_size))
+    return tuple(views), scale
+
+
+def resized_crop(pixels, view, crop_size):
+    """uint8 (1, 3, H, W) -> uint8 (3, crop, crop): crop (i, j, h, w), bicubic resize with
+    antialiasing (PIL's BICUBIC), then the horizontal flip if `flip`."""
+    i, j, h, w, flip = view
+    region = pixels[:, :, i:i + h, j:j + w]
+    if region.device.type == 'cpu':
+        out = F.interpolate(region, size=(crop_size, crop_size), mode='bicubic', antialias=True)
+    else:  # CUDA has the antialiased bicubic for floats only
+        out = F.interpolate(region.float(), size=(crop_size, crop_size), mode='bicubic',
+                            antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+    return (out[0].flip(-1) if flip else out[0]).contiguous()
+
+
+class CropTransform:
+    """Worker half of the fast path: PIL image -> (view1, view2), uint8 (3, crop, crop) each.
+
+    Each view gets its own RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, torchvision's
+    sampling and centre-crop fallback) and its own flip (p=0.5), from the global torch RNG, so
+    `data.SeededSamples` makes every sample reproducible. Give it lazily opened images
+    (`ImageFolder(..., loader=open_for_crop)`) so JPEGs can be decoded at reduced size; an
+    already decoded image works too, at full-size decoding cost.
+    """
+
+    def __init__(self, crop_size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), draft=True):
+        self.crop_size, self.scale, self.ratio, self.draft = crop_size, scale, ratio, draft
+
+    def sample_params(self, img):
+        """Two (i, j, h, w, flip), drawn as the reference draws crop then flip for a view."""
+        params = []
+        for _ in range(2):
+            i, j, h, w = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+            params.append((i, j, h, w, bool(torch.rand(1) < 0.5)))
+        return params
+
+    def __call__(self, img):
+        return crop_views(img, self.sample_params(img), self.crop_size, self.draft)[0]
+
+    def __repr__(self):
+        return f'CropTransform(crop_size={self.crop_size}, draft={self.draft})'
+
+
+def decode_and_crop(source, crop_size=224, name=None, draft=True):
+    """(view1, view2) uint8 crops of an image file or its encoded bytes, as CropTransform."""
+    return CropTransform(crop_size, draft=draft)(open_for_crop(source, name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side: colour jitter, grayscale, blur, solarize, normalise on a uint8 batch
+# ---------------------------------------------------------------------------------------------
+# Each op takes x (M, 3, H, W) float in [0, 1] and per-sample factors (M,), and computes what
+# torchvision.transforms.functional computes on one float image with that factor.
+
+def _per_sample(f):
+    return f.view(-1, 1, 1, 1)
+
+
+def _blend(img1, img2, ratio):
+    ratio = _per_sample(ratio)
+    return (ratio * img1 + (1.0 - ratio) * img2).clamp(0, 1.0)
+
+
+def rgb_to_grayscale(x):
+    """(M, 3, H, W) -> (M, 1, H, W), ITU-R 601-2 luma: PIL's weights (the reference converts
+    with PIL), where torchvision's tensor version has 0.2989 for red."""
+    r, g, b = x.unbind(dim=-3)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(dim=-3)
+
+
+def _grayscale3(x):
+    return rgb_to_grayscale(x).repeat(1, 3, 1, 1)  # RandomGrayscale keeps three channels
+
+
+def adjust_brightness(x, factor):
+    return (_per_sample(factor) * x).clamp(0, 1.0)  # _blend with black: the same values
+
+
+def adjust_contrast(x, factor):
+    mean = torch.mean(rgb_to_grayscale(x), dim=(-3, -2, -1), keepdim=True)  # (M, 1, 1, 1)
+    return _blend(x, mean, factor)
+
+
+def adjust_saturation(x, factor):
+    return _blend(x, rgb_to_grayscale(x), factor)
+
+
+def _rgb2hsv(x):
+    # torchvision's _rgb2hsv (after Pillow's Convert.c), unchanged.
+    r, g, b = x.unbind(dim=-3)
+    maxc, minc = x.max(dim=-3).values, x.min(dim=-3).values
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return h, s, maxc
+
+
+def _hsv2rgb(h, s, v):
+    # torchvision's _hsv2rgb; its one-hot einsum over the six hue sectors becomes selections.
+    i = torch.floor(h * 6.0)
+    f = (h * 6.0) - i
+    i = i.to(dtype=torch.int32) % 6
+    p = torch.clamp(v * (1.0 - s), 0.0, 1.0)
+    q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
+    t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
+    # sector:  0  1  2  3  4  5
+    r = torch.where((i == 0) | (i == 5), v, torch.where(i == 1, q, torch.where(i == 4, t, p)))
+    g = torch.where((i == 1) | (i == 2), v, torch.where(i == 0, t, torch.where(i == 3, q, p)))
+    b = torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, torch.where(i == 5, q, p)))
+    return torch.stack((r, g, b), dim=-3)
+
+
+def adjust_hue(x, factor):
+    h, s, v = _rgb2hsv(x)
+    h = (h + factor.view(-1, 1, 1)) % 1.0
+    return _hsv2rgb(h, s, v)
+
+
+def pil_box_kernel(sigma):
+    """(M, 5) weights of one pass of PIL's GaussianBlur(radius=sigma), one row per sigma.
+
+    PIL approximates a Gaussian by three passes, per direction, of an "extended box"
+    (Gwosdek et al. 2011) of fractional radius r = l + a: weight 1 / (2r + 1) on |k| <= l and
+    the remainder split over |k| = l + 1. The three passes have variance sigma^2 exactly (a
+    sampled Gaussian has not, below sigma = 0.5). For sigma <= 2, l <= 1: 5 taps per pass.
+    """
+    sigma2 = sigma.to(torch.float64).view(-1, 1) ** 2 / BLUR_PASSES  # (M, 1), per pass
+    big = torch.sqrt(12.0 * sigma2 + 1.0)
+    l = torch.floor((big - 1.0) / 2.0)
+    a = (2 * l + 1) * (l * (l + 1) - 3 * sigma2) / (6 * (sigma2 - (l + 1) ** 2))
+    inner = 1.0 / (2 * (l + a) + 1)  # weight of the 2l + 1 central taps
+    outer = (1.0 - (2 * l + 1) * inner) / 2  # weight of the two taps at +-(l + 1)
+    if bool((l > BOX_RADIUS - 1).any()):
+        raise ValueError(f'sigma {float(sigma.max()):.3g} needs wider box passes')
+    distance = torch.arange(-BOX_RADIUS, BOX_RADIUS + 1, device=sigma.device).abs().view(1, -1)
+    return torch.where(distance <= l, inner, torch.where(distance == l + 1, outer, 0.0))
+
+
+def gaussian_blur(x, sigma):
+    """PIL's GaussianBlur(radius=sigma), one sigma per sample, on float (M, C, H, W): three
+    box passes (`pil_box_kernel`) along each axis, each extending the border with the edge
+    pixel as PIL does. Only PIL's rounding to uint8 after each pass is missing."""
+    m, c, height, width = x.shape
+    box = pil_box_kernel(sigma).to(x.dtype).repeat_interleave(c, dim=0)  # (M*C, 5)
+    y = x.reshape(1, m * c, height, width)  # one group per (sample, channel)
+    for pad, weight in (((BOX_RADIUS, BOX_RADIUS, 0, 0), box.view(m * c, 1, 1, -1)),
+                        ((0, 0, BOX_RADIUS, BOX_RADIUS), box.view(m * c, 1, -1, 1))):
+        for _ in range(BLUR_PASSES):
+            y = F.conv2d(F.pad(y, pad, mode='replicate'), weight, groups=m * c)
+    return y.view(m, c, height, width)
+
+
+def solarize(x):
+    return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
+
+
+def _apply_where(x, mask, op, *factors):
+    """x with op(x[k], factors[k]) for the samples where mask is set (computed on those only)."""
+    index = mask.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return x
+    if index.numel() == x.shape[0]:
+        return op(x, *factors)
+    picked = op(x.index_select(0, index), *(f.index_select(0, index) for f in factors))
+    return x.index_copy_(0, index, picked)
+
+
+class BatchAugment(nn.Module):
+    """Device half of one view: uint8 (N, 3, H, W) -> normalised float32 (N, 3, H, W).
+
+    ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, its four ops in a random order per sample ->
+    RandomGrayscale(0.2) -> Gaussian blur (p=blur_prob, sigma ~ U(0.1, 2)) -> solarize
+    (p=solarize_prob) -> Normalize(mean, std): the reference's order and probabilities, each
+    sample with its own parameters (drawn from `generator`, or the device's default one).
+    """
+
+    def __init__(self, blur_prob, solarize_prob, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 jitter_prob=0.8, grayscale_prob=0.2):
+        super().__init__()
+        self.blur_prob, self.solarize_prob = blur_prob, solarize_prob
+        self.jitter_prob, self.grayscale_prob = jitter_prob, grayscale_prob
+        # (low, high) of each jitter factor, as ColorJitter(brightness=0.4, contrast=0.4,
+        # saturation=0.2, hue=0.1) derives them.
+        self.ranges = dict(brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.8, 1.2),
+                           hue=(-0.1, 0.1))
+        self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def sample_params(self, n, device=None, generator=None):
+        """Per-sample parameters: a dict of (n,) tensors ((n, 4) for `order`)."""
+        device = device if device is not None or generator is None else generator.device
+
+        def uniform(low, high, size=(n,)):
+            return torch.rand(size, generator=generator, device=device) * (high - low) + low
+
+        params = dict(jitter=uniform(0, 1) < self.jitter_prob,
+                      order=uniform(0, 1, (n, 4)).argsort(dim=1))  # uniform over the 24
+        params.update({op: uniform(*self.ranges[op]) for op in JITTER_OPS})
+        params.update(grayscale=uniform(0, 1) < self.grayscale_prob,
+                      blur=uniform(0, 1) < self.blur_prob,
+                      sigma=uniform(*SIGMA_RANGE),
+                      solarize=uniform(0, 1) < self.solarize_prob)
+        return params
+
+    @torch.no_grad()
+    def forward(self, images, generator=None, params=None, return_params=False):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f'expected a uint8 (N, 3, H, W) batch, got {images.dtype} '
+                             f'{tuple(images.shape)}')
+        if params is None:
+            params = self.sample_params(images.shape[0], images.device, generator)
+        # float32 also when called inside the model's autocast region
+        with torch.autocast(images.device.type, enabled=False):
+            x = self._augment(images, params)
+        return (x, params) if return_params else x
+
+    def _augment(self, images, params):
+        x = images.to(torch.float32).div_(255)  # keeps a channels-last layout
+        ops = dict(brightness=adjust_brightness, contrast=adjust_contrast,
+                   saturation=adjust_saturation, hue=adjust_hue)
+        for position in range(4):  # 16 masked ops, each on the samples that have it there
+            for k, op in enumerate(JITTER_OPS):
+                mask = params['jitter'] & (params['order'][:, position] == k)
+                x = _apply_where(x, mask, ops[op], params[op])
+        x = _apply_where(x, params['grayscale'], _grayscale3)
+        x = _apply_where(x, params['blur'], gaussian_blur, params['sigma'])
+        x = _apply_where(x, params['solarize'], solarize)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+
+class FastTwoViews(nn.Module):
+    """The reference's two asymmetric views on the device: (y1, y2) uint8 -> normalised float.
+
+    View 1: blur p=1.0, solarize p=0.0. View 2: blur p=0.1, solarize p=0.2.
+    """
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.view1 = BatchAugment(blur_prob=1.0, solarize_prob=0.0, mean=mean, std=std)
+        self.view2 = BatchAugment(blur_prob=0.1, solarize_prob=0.2, mean=mean, std=std)
+
+    def forward(self, y1, y2, generator=None):
+        return self.view1(y1, generator), self.view2(y2, generator)
+
+
+def step_generator(device, seed, step, rank=0):
+    """A generator for one training step's device augmentations, a function of (seed, global
+    step, rank) only: a run resumed mid-epoch draws exactly the parameters it would have."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, step, rank]).generate_state(2)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+    return generator
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional GPU path: nvjpeg decoding and cropping on the device (the workers only read bytes)
+# ---------------------------------------------------------------------------------------------
+
+def decode_and_crop_batch(encoded, crop_size=224, device='cuda'):
+    """(v1, v2) uint8 (N, 3, crop, crop) on `device` from a list of encoded JPEGs (bytes).
+
+    torchvision's decode_jpeg (nvjpeg on CUDA) decodes the batch where it is; crops and flips
+    are drawn as CropTransform draws them (global torch RNG), one image at a time (the sizes
+    differ). An image decode_jpeg refuses (CMYK, a PNG named .JPEG) is decoded by PIL.
+    Experimental: a loader that yields bytes is needed to use it, and only its CPU run is tested.
+    """
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in encoded]
+    try:
+        images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                            device=device)
+    except RuntimeError:
+        images = [_decode_one(d, device) for d in data]
+    crop = CropTransform(crop_size)
+    views = ([], [])
+    for img in images:
+        for out, view in zip(views, crop.sample_params(img)):
+            out.append(resized_crop(img.unsqueeze(0), view, crop_size))
+    return torch.stack(views[0]), torch.stack(views[1])
+
+
+def _decode_one(data, device):
+    try:
+        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                          device=device)
+    except RuntimeError:
+        img = open_for_crop(data.numpy()).convert('RGB')
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def time_pipelines(paths, n=200, crop_size=224, batch_size=64):
+    """Images per CPU second in one process with one thread (a DataLoader worker's setting):
+
+    reference        data.load_rgb + main.Transform (the PIL pipeline, both views)
+    fast_worker      open_for_crop + CropTransform (all the fast path leaves to the workers)
+    fast_device_cpu  FastTwoViews on the CPU, batches of `batch_size` (the device half, when
+                     the device is the CPU; on a GPU it is no worker's cost)
+
+    The two worker pipelines alternate image by image, so a change in the machine's load
+    touches both alike; CPU time (time.process_time) leaves out time spent waiting.
+    """
+    import data
+    import main  # imported here, not at the top: main.py may import this module
+    paths = [paths[k % len(paths)] for k in range(n)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    try:
+        reference, fast = main.Transform(crop_size), CropTransform(crop_size)
+        reference_s = fast_s = 0.0
+        crops = []
+        for path in paths:
+            start = time.process_time()
+            reference(data.load_rgb(path))
+            middle = time.process_time()
+            crops.append(fast(open_for_crop(path)))
+            reference_s += middle - start
+            fast_s += time.process_time() - middle
+        augment = FastTwoViews()
+        start = time.process_time()
+        for k in range(0, n, batch_size):
+            batch = crops[k:k + batch_size]
+            augment(torch.stack([c[0] for c in batch]), torch.stack([c[1] for c in batch]))
+        device_s = time.process_time() - start
+    finally:
+        torch.set_num_threads(threads)
+    return dict(reference=n / reference_s, fast_worker=n / fast_s, fast_device_cpu=n / device_s)
