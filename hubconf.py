@@ -1,7 +1,6 @@
 """torch.hub entries.
 
-    model = torch.hub.load('facebookresearch/barlowtwins:main', 'resnet50')   # released weights
-    model = torch.hub.load('/path/to/clone', 'resnet50', source='local')     # same, local clone
+    model = torch.hub.load('/path/to/clone', 'resnet50', source='local')     # released weights
     model = torch.hub.load('/path/to/clone', 'resnet50', source='local',
                            weights='/path/to/resnet50.pth')                  # offline, a file
     net = torch.hub.load('/path/to/clone', 'backbone', source='local',

@@ -1,0 +1,150 @@
+"""Benchmarks, side by side in one run: the training step, and (with --data) the input pipeline.
+
+    python bench.py                      # training step: reference settings vs --fast settings
+    python bench.py --data               # + input pipeline images/s per worker process
+    python bench.py --batch-size 256 --steps 20 --settings reference fast   # on a GPU
+
+The training step uses synthetic tensors (ResNet-50, 8192-8192-8192 projector, 224 px, batch 256
+per device by default on a GPU; smaller defaults on a CPU, printed with the results). "reference"
+is the original's settings (fp16 autocast with a gradient scaler on GPU / fp32 on CPU, NCHW,
+per-parameter LARS); "fast" is --fast (bf16, channels-last, torch.compile, multi-tensor LARS).
+Printed as a table with ratios to the first setting; peak memory is the device's peak allocation
+(CUDA) or the process's peak resident set (CPU).
+"""
+import argparse
+import platform
+import resource
+import sys
+import time
+
+import torch
+import torchvision
+
+import distributed
+import main as pretrain
+
+SETTINGS = {
+    'reference': dict(precision=None, channels_last=False, compile=False, lars_foreach=False),
+    'fast': dict(precision='bf16', channels_last=True, compile=True, lars_foreach=True),
+    'fast-nocompile': dict(precision='bf16', channels_last=True, compile=False, lars_foreach=True),
+}
+
+
+def get_arguments():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], prog='bench.py')
+    parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
+    parser.add_argument('--arch', default='resnet50', choices=pretrain.ARCHS)
+    parser.add_argument('--projector', default='8192-8192-8192')
+    parser.add_argument('--batch-size', type=int, default=None,
+                        help='per device (default 256 on GPU, 16 on CPU)')
+    parser.add_argument('--crop-size', type=int, default=224)
+    parser.add_argument('--steps', type=int, default=None,
+                        help='timed steps per setting (default 20 on GPU, 3 on CPU)')
+    parser.add_argument('--warmup', type=int, default=None,
+                        help='untimed steps first (default 10 on GPU, 1 on CPU; compiling '
+                             'happens there)')
+    parser.add_argument('--settings', nargs='+', default=['reference', 'fast'],
+                        choices=sorted(SETTINGS))
+    parser.add_argument('--data', action='store_true',
+                        help='also measure the input pipeline (see bench_data)')
+    parser.add_argument('--images', default=None,
+                        help='an ImageFolder DIR for --data (default: 200 generated 500x375 JPEGs)')
+    return parser
+
+
+def peak_memory_gib(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def step_images_per_second(args, setting, device):
+    """Images/s of full training steps (both views, loss, backward, LARS) with one setting."""
+    run_args = argparse.Namespace(
+        arch=args.arch, cifar_stem=False, projector=args.projector, lambd=0.0051,
+        batch_size=args.batch_size, scale_loss=1.0, learning_rate=None, weight_decay=1e-6,
+        **SETTINGS[setting])
+    precision = run_args.precision or ('fp16' if device.type == 'cuda' else 'fp32')
+    info = distributed.DistInfo(rank=0, local_rank=device.index or 0, world_size=1, device=device)
+    torch.manual_seed(0)
+    model, optimizer = pretrain.build_model_and_optimizer(run_args, info)
+    for group in optimizer.param_groups:
+        group['lr'] = 0.1 if group is optimizer.param_groups[0] else 0.0024
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
+    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(precision)
+    memory_format = torch.channels_last if run_args.channels_last else torch.contiguous_format
+    shape = (args.batch_size, 3, args.crop_size, args.crop_size)
+    y1 = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+    y2 = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+
+    def step():
+        optimizer.zero_grad()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model.forward(y1, y2)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    del model, optimizer
+    return args.steps * args.batch_size / elapsed, peak_memory_gib(device), precision
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def print_table(title, rows, unit):
+    print(f'\n{title}')
+    base = rows[0][1]
+    print(f'| setting | {unit} | ratio | peak memory (GiB) | notes |')
+    print('|---|---|---|---|---|')
+    for name, value, memory, notes in rows:
+        print(f'| {name} | {value:.1f} | {value / base:.2f}x | {memory:.2f} | {notes} |')
+
+
+def describe(device):
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
+        f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+    return (f'{name}; torch {torch.__version__}, torchvision {torchvision.__version__}, '
+            f'python {platform.python_version()}')
+
+
+def main(argv=None):
+    args = get_arguments().parse_args(argv)
+    device = torch.device('cuda', 0) if distributed.choose_device_type(args.device) == 'cuda' \
+        else torch.device('cpu')
+    gpu = device.type == 'cuda'
+    args.batch_size = args.batch_size or (256 if gpu else 16)
+    args.steps = args.steps or (20 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
+    print(f'# bench.py {" ".join(sys.argv[1:] if argv is None else argv)}')
+    print(f'# {describe(device)}')
+    distributed._init_process_group(0, device.index or 0, 1, device.type)
+    try:
+        rows = []
+        for setting in args.settings:
+            rate, memory, precision = step_images_per_second(args, setting, device)
+            rows.append((setting, rate, memory, precision))
+        print_table(f'Training step: {args.arch}, projector {args.projector}, batch '
+                    f'{args.batch_size} per device, {args.crop_size} px, {args.steps} timed steps '
+                    f'after {args.warmup}', rows, 'images/s')
+    finally:
+        distributed.cleanup()
+    if args.data:
+        import bench_data
+        bench_data.run(args.images)
+
+
+if __name__ == '__main__':
+    main()
