@@ -1,14 +1,18 @@
-"""Datasets on disk: the ImageFolder layout, checked image loading, and the built-in demo dataset.
+"""Datasets on disk: the ImageFolder layout, packed HDF5 files (pack.py), checked image loading,
+and the built-in demo dataset.
 
 Everything here turns bad input into an `InputError` whose message is one line naming the path.
 """
+import atexit
 import colorsys
+import io
 import itertools
 import os
 import random
 import shutil
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +38,35 @@ class InputError(Exception):
         super().__init__(message)
 
 
+DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)
+
+
 def load_rgb(path):
     """Open an image as RGB; any decoding problem names the file."""
     try:
         with open(path, 'rb') as f:
             img = Image.open(f)
             return img.convert('RGB')  # forces the full decode, so truncation shows up here
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except DECODE_ERRORS as e:
         raise InputError(f'cannot read image {path}: {e}') from None
 
 
+def decode_rgb(data, name):
+    """`load_rgb` for an encoded image held in memory (bytes); a problem names `name`."""
+    try:
+        return Image.open(io.BytesIO(data)).convert('RGB')
+    except DECODE_ERRORS as e:
+        raise InputError(f'cannot read image {name}: {e}') from None
+
+
 def image_folder(root, transform=None, split='train'):
-    """torchvision ImageFolder over root/split with checked loading and one-line errors."""
+    """torchvision ImageFolder over root/split with checked loading and one-line errors.
+
+    A file named *.h5 or *.hdf5 (written by pack.py) stands in for the folder: the same samples,
+    labels and class names, read from the packed file (`PackedImageFolder`).
+    """
+    if is_pack_path(root):
+        return PackedImageFolder(root, split, transform)
     root = Path(root)
     if not root.is_dir():
         raise InputError(f'data directory {root} does not exist')
@@ -58,6 +79,156 @@ def image_folder(root, transform=None, split='train'):
     except FileNotFoundError as e:
         # "Couldn't find any class folder" / "Found no valid file for the classes ..."
         raise InputError(f'{folder}: {e}'.replace('\n', ' ')) from None
+
+
+# Packed datasets: one HDF5 file (PyTables) written by pack.py, one group per split (/train,
+# /val), each holding
+#   data     uint8 EArray, the original encoded image files concatenated (bytes unchanged)
+#   offsets  int64 EArray, N + 1 entries: image i is data[offsets[i]:offsets[i + 1]]
+#   labels   int64 EArray, N entries: class index, numbered as torchvision ImageFolder does
+#   names    string EArray, N entries: '<class>/<file>' (UTF-8), in ImageFolder order
+#   classes  string Array: the class folder names, sorted as ImageFolder sorts them
+# and attributes `complete` (True once the split is finished), `packed` (N), `scanned` (files of
+# the source listing done, packed or skipped), `skipped` (JSON list of names left out with
+# --skip-bad) and `source` (the folder packed). PyTables is imported only where a pack is used.
+PACK_SUFFIXES = ('.h5', '.hdf5')
+PACK_FORMAT = 'pack.py ImageFolder'  # the root attribute `format` of every file pack.py writes
+PACK_VERSION = 1
+
+
+def is_pack_path(root):
+    root = Path(root)
+    return root.suffix.lower() in PACK_SUFFIXES and not root.is_dir()
+
+
+def import_tables(path):
+    try:
+        import tables
+    except ImportError:
+        raise InputError(f'{path}: packed datasets need PyTables (pip install tables)') from None
+    return tables
+
+
+def open_pack(path, mode='r', **params):
+    """A pack.py file opened with PyTables; a missing file or any other file is an InputError."""
+    tables = import_tables(path)
+    if not Path(path).is_file():
+        raise InputError(f'packed file {path} does not exist')
+    try:
+        h5 = tables.open_file(str(path), mode, **params)
+    except (OSError, tables.HDF5ExtError, ValueError) as e:
+        reason = str(e).strip().split('\n')[0]
+        raise InputError(f'cannot open packed file {path}: {reason}') from None
+    if getattr(h5.root._v_attrs, 'format', None) != PACK_FORMAT:
+        h5.close()
+        raise InputError(f'{path} is not a file written by pack.py')
+    return h5
+
+
+def pack_split_group(h5, path, split):
+    """The group of a finished split; a missing or unfinished one is an InputError."""
+    if f'/{split}' not in h5:
+        present = ', '.join(sorted(g._v_name for g in h5.iter_nodes('/', 'Group'))) or 'none'
+        raise InputError(f"{path} has no split '{split}' (splits in it: {present})")
+    group = h5.get_node(f'/{split}')
+    if not getattr(group._v_attrs, 'complete', False):
+        raise InputError(f"{path}: split '{split}' is not finished ({group._v_attrs.packed} images "
+                         f'so far); rerun the pack.py command to complete it')
+    return group
+
+
+def read_strings(array):
+    return [s.decode('utf-8') for s in array.read()]
+
+
+class PackedImageFolder(torch.utils.data.Dataset):
+    """One split of a pack.py file, with torchvision ImageFolder's interface and samples.
+
+    `samples` holds (`FILE.h5:split/<class>/<file>`, label) in ImageFolder order, so
+    `Path(p).name` is the file name and `Path(p).relative_to(root)` is `<class>/<file>`; callers
+    may replace `samples` (a subset, relabelled classes) as they do an ImageFolder's, and the image
+    is found by that name. Images are decoded by PIL from the stored bytes with `load_rgb`'s
+    checks. The file is opened on first use in each process (each DataLoader worker gets its own
+    handle; an HDF5 handle must not cross a fork), and the dataset pickles without one.
+    """
+
+    def __init__(self, path, split='train', transform=None, target_transform=None):
+        self.file, self.split = Path(path), split
+        self.root = f'{self.file}:{split}'
+        self.transform, self.target_transform = transform, target_transform
+        with open_pack(self.file) as h5:
+            group = pack_split_group(h5, self.file, split)
+            self.classes = read_strings(group.classes)
+            self._names = group.names.read()  # (N,) bytes: compact, and quick to pickle
+            self._offsets = group.offsets.read()  # (N + 1,)
+            labels = group.labels.read().tolist()
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = self.imgs = [(f'{self.root}/{n.decode("utf-8")}', t)
+                                    for n, t in zip(self._names, labels)]
+        self.targets = labels
+        self._lookup = None  # name -> record, built when a sample is not at its packed index
+        self._pid = self._h5 = self._data = self._closer = None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        record = self._record(index, path)
+        tables = import_tables(self.file)
+        try:
+            data = self._data_array().read(self._offsets[record], self._offsets[record + 1])
+        except (OSError, tables.HDF5ExtError) as e:
+            reason = str(e).strip().split('\n')[0]
+            raise InputError(f'cannot read image {path}: {reason}') from None
+        sample = decode_rgb(data.tobytes(), path)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+    def _record(self, index, path):
+        prefix = self.root + '/'
+        try:
+            name = path[len(prefix):] if path.startswith(prefix) else \
+                Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            raise InputError(f'{path} is not an image of {self.root}') from None
+        if index < len(self._names) and self._names[index] == name.encode('utf-8'):
+            return index  # samples in the packed order: no lookup table needed
+        if self._lookup is None:
+            self._lookup = {n.decode('utf-8'): i for i, n in enumerate(self._names)}
+        if name not in self._lookup:
+            raise InputError(f'{path} is not an image of {self.root}')
+        return self._lookup[name]
+
+    def _data_array(self):
+        if self._pid != os.getpid():
+            # A chunk cache only costs a copy here (each image is read once per epoch): without
+            # one, HDF5 reads exactly the image's bytes.
+            self._h5 = open_pack(self.file, chunk_cache_size=0)
+            self._data = self._h5.get_node(f'/{self.split}/data')
+            self._pid = os.getpid()
+            # Closed when the dataset goes, or at exit: atexit runs this before the handler
+            # that PyTables registered on import, which would warn of an open file.
+            self._closer = weakref.finalize(self, self._h5.close)
+            atexit.register(self._closer)
+        return self._data
+
+    def close(self):
+        if self._h5 is not None and self._pid == os.getpid():
+            self._closer()
+            atexit.unregister(self._closer)
+        self._pid = self._h5 = self._data = self._closer = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_pid=None, _h5=None, _data=None, _closer=None)
+        return state
+
+    def __repr__(self):
+        return f'PackedImageFolder({self.root}, {len(self)} images, {len(self.classes)} classes)'
 
 
 # The demo dataset: small synthetic photographs of coloured shapes on textured backgrounds, in the
