@@ -59,14 +59,16 @@ def decode_rgb(data, name):
         raise InputError(f'cannot read image {name}: {e}') from None
 
 
-def image_folder(root, transform=None, split='train'):
+def image_folder(root, transform=None, split='train', loader=None):
     """torchvision ImageFolder over root/split with checked loading and one-line errors.
 
     A file named *.h5 or *.hdf5 (written by pack.py) stands in for the folder: the same samples,
-    labels and class names, read from the packed file (`PackedImageFolder`).
+    labels and class names, read from the packed file (`PackedImageFolder`). `loader(source,
+    name)` turns a path or encoded bytes into what `transform` takes (default: an RGB PIL image
+    with `load_rgb`'s checks).
     """
     if is_pack_path(root):
-        return PackedImageFolder(root, split, transform)
+        return PackedImageFolder(root, split, transform, loader=loader)
     root = Path(root)
     if not root.is_dir():
         raise InputError(f'data directory {root} does not exist')
@@ -75,7 +77,7 @@ def image_folder(root, transform=None, split='train'):
         raise InputError(f'{folder} not found: expected the ImageFolder layout '
                          f'{root}/{split}/<class>/<image>')
     try:
-        return torchvision.datasets.ImageFolder(folder, transform, loader=load_rgb)
+        return torchvision.datasets.ImageFolder(folder, transform, loader=loader or load_rgb)
     except FileNotFoundError as e:
         # "Couldn't find any class folder" / "Found no valid file for the classes ..."
         raise InputError(f'{folder}: {e}'.replace('\n', ' ')) from None
@@ -152,8 +154,9 @@ class PackedImageFolder(torch.utils.data.Dataset):
     handle; an HDF5 handle must not cross a fork), and the dataset pickles without one.
     """
 
-    def __init__(self, path, split='train', transform=None, target_transform=None):
+    def __init__(self, path, split='train', transform=None, target_transform=None, loader=None):
         self.file, self.split = Path(path), split
+        self.loader = loader or decode_rgb
         self.root = f'{self.file}:{split}'
         self.transform, self.target_transform = transform, target_transform
         with open_pack(self.file) as h5:
@@ -181,7 +184,7 @@ class PackedImageFolder(torch.utils.data.Dataset):
         except (OSError, tables.HDF5ExtError) as e:
             reason = str(e).strip().split('\n')[0]
             raise InputError(f'cannot read image {path}: {reason}') from None
-        sample = decode_rgb(data.tobytes(), path)
+        sample = self.loader(data.tobytes(), path)
         if self.transform is not None:
             sample = self.transform(sample)
         if self.target_transform is not None:

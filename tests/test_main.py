@@ -338,8 +338,9 @@ def test_fast_settings_train_and_keep_the_checkpoint_layout(tiny_imagefolder, tm
 
 def test_compiled_model_keeps_parameter_names(tiny_imagefolder, tmp_path):
     args = main.parse_arguments(tiny_args(tiny_imagefolder, tmp_path / 'ck', '--fast'))
-    assert (args.precision, args.channels_last, args.compile, args.lars_foreach) == \
-        ('bf16', True, True, True)
+    assert (args.precision, args.channels_last, args.compile, args.lars_foreach,
+            args.fast_augment) == \
+        ('bf16', True, True, True, True)
     info = distributed.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device('cpu'))
     distributed._init_process_group(0, 0, 1, 'cpu')
     try:
@@ -350,3 +351,21 @@ def test_compiled_model_keeps_parameter_names(tiny_imagefolder, tmp_path):
         distributed.cleanup()
     assert compiled.state_dict().keys() == plain.state_dict().keys()
     assert optimizer.foreach
+
+
+def test_fast_augment_trains_and_resumes_mid_epoch_exactly(tiny_imagefolder, tmp_path,
+                                                          monkeypatch):
+    straight, broken = tmp_path / 'straight', tmp_path / 'broken'
+    main.main(tiny_args(tiny_imagefolder, straight, '--fast-augment', epochs=2))
+    with monkeypatch.context() as m:
+        crash_at_step(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            main.main(tiny_args(tiny_imagefolder, broken, '--fast-augment', '--checkpoint-every',
+                                '0s', epochs=2))
+    assert load_state(broken / 'checkpoint.pth')['step_in_epoch'] == 1
+    main.main(tiny_args(tiny_imagefolder, broken, '--fast-augment', epochs=2, workers=2))
+    assert_same_tensors(load_state(straight / 'resnet18.pth'), load_state(broken / 'resnet18.pth'))
+    # the fast path draws other random numbers than the PIL path: a different run
+    main.main(tiny_args(tiny_imagefolder, tmp_path / 'pil', epochs=2))
+    pil = load_state(tmp_path / 'pil' / 'resnet18.pth')
+    assert not torch.equal(pil['conv1.weight'], load_state(straight / 'resnet18.pth')['conv1.weight'])

@@ -403,6 +403,14 @@ def test_main_trains_one_epoch_from_a_packed_file(packed, tmp_path):
     assert str(h5) in (tmp_path / 'ck' / 'stats.txt').read_text().splitlines()[0]
 
 
+def test_fast_augment_reads_the_packed_bytes_like_the_files(packed, tmp_path):
+    tree, h5 = packed
+    main.main(pretrain_args(tree, tmp_path / 'folder', workers=0) + ['--fast-augment'])
+    main.main(pretrain_args(h5, tmp_path / 'packed', workers=0) + ['--fast-augment'])
+    assert_same_weights(load(tmp_path / 'packed' / 'resnet18.pth'),
+                        load(tmp_path / 'folder' / 'resnet18.pth'))
+
+
 @pytest.fixture(scope='module')
 def pretrained_both_ways(packed, tmp_path_factory):
     tree, h5 = packed
