@@ -14,6 +14,7 @@ Printed as a table with ratios to the first setting; peak memory is the device's
 import argparse
 import platform
 import resource
+import shutil
 import sys
 import time
 
@@ -120,6 +121,79 @@ def describe(device):
             f'python {platform.python_version()}')
 
 
+def generate_jpegs(root, count=200, size=(500, 375), seed=0):
+    """`count` photo-like JPEGs (smooth colour fields plus sensor-like noise, quality 90) in the
+    ImageFolder layout root/train/<class>/, about the size of ImageNet's typical 500x375."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = root / 'train' / f'class_{i % 4}'
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC), dtype=np.float32)
+        pixels = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f'img_{i:04d}.JPEG', quality=90)
+    return root
+
+
+def cpu_seconds_per_image(datasets, passes=1):
+    """CPU seconds per sample of each dataset's __getitem__ (decode + augment), in one thread,
+    the datasets alternating sample by sample so that load changes touch them alike."""
+    import time as clock
+    totals = [0.0] * len(datasets)
+    count = len(datasets[0])
+    for _ in range(passes):
+        for index in range(count):
+            for k, dataset in enumerate(datasets):
+                start = clock.process_time()
+                dataset[index]
+                totals[k] += clock.process_time() - start
+    return [t / (count * passes) for t in totals]
+
+
+def bench_data(images, crop_size):
+    """Input pipeline images/s per worker process: reference PIL pipeline vs the fast path's
+    worker half, from JPEG files and from a pack.py file of the same images."""
+    import tempfile
+    from pathlib import Path
+
+    import augmentations
+    import pack
+    from data import image_folder
+    work = Path(tempfile.mkdtemp(prefix='bench-data-'))
+    root = Path(images) if images else generate_jpegs(work / 'images')
+    packed = work / 'images.h5'
+    pack.main([str(root), str(packed), '--splits', 'train', '--workers', '1'])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a DataLoader worker's setting
+    torch.manual_seed(0)
+    rows = []
+    try:
+        for source, label in ((root, 'JPEG files'), (packed, 'pack.py file')):
+            reference = image_folder(source, pretrain.Transform(crop_size))
+            fast = image_folder(source, augmentations.CropTransform(crop_size),
+                                loader=augmentations.open_for_crop)
+            ref_s, fast_s = cpu_seconds_per_image([reference, fast])
+            rows.append((label, 1 / ref_s, 1 / fast_s))
+        crops = [fast[i][0] for i in range(min(len(fast), 128))]
+        augment = augmentations.FastTwoViews()
+        start = time.process_time()
+        augment(torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops]))
+        device_cpu = len(crops) / (time.process_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(work, ignore_errors=True)  # the generated images and the pack
+    print(f'\nInput pipeline: {len(reference)} images ({"generated 500x375 JPEGs" if not images else root}), {crop_size} px crops, '
+          f'two views per image, images per CPU-second of one worker process (1 thread)')
+    print('| source | reference (PIL) | fast path, worker half | ratio |')
+    print('|---|---|---|---|')
+    for label, ref, fast_rate in rows:
+        print(f'| {label} | {ref:.1f} | {fast_rate:.1f} | {fast_rate / ref:.2f}x |')
+    print(f'The fast path\'s device half, run on this CPU (1 thread): {device_cpu:.1f} images/s '
+          f'(on a GPU it costs the workers nothing).')
+
+
 def main(argv=None):
     args = get_arguments().parse_args(argv)
     device = torch.device('cuda', 0) if distributed.choose_device_type(args.device) == 'cuda' \
@@ -142,8 +216,7 @@ def main(argv=None):
     finally:
         distributed.cleanup()
     if args.data:
-        import bench_data
-        bench_data.run(args.images)
+        bench_data(args.images, args.crop_size)
 
 
 if __name__ == '__main__':

@@ -380,20 +380,13 @@ def test_bad_input_is_a_one_line_error(packed, tmp_path, capsys):
 # main.py and evaluate.py on a packed file
 # ---------------------------------------------------------------------------------------------
 
+from test_main import assert_same_tensors as assert_same_weights, load_state as load  # noqa: E402
+
+
 def pretrain_args(data, ckdir, workers):
     return [str(data), '--arch', 'resnet18', '--cifar-stem', '--crop-size', '16', '--projector',
             '32-32', '--batch-size', '4', '--epochs', '1', '--workers', str(workers), '--device',
             'cpu', '--checkpoint-dir', str(ckdir), '--print-freq', '1']
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_main_trains_one_epoch_from_a_packed_file(packed, tmp_path):
