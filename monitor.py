@@ -84,7 +84,7 @@ class Progress:
         self.loss = None
 
     def start_epoch(self, epoch):
-        self.epoch, self.done = epoch, 0
+        self.epoch, self.done, self.shown = epoch, 0, -1
         self.epoch_start = self.last_shown = time.time()
 
     def step(self, loss=None):
@@ -95,7 +95,7 @@ class Progress:
             self._show()
 
     def end_epoch(self):
-        if self.enabled:
+        if self.enabled and (self.tty or self.shown != self.done):  # no plain line twice
             self._show(final=True)
 
     def line(self):
@@ -112,7 +112,7 @@ class Progress:
                 f'loss {loss} ETA epoch {_duration(eta(left_epoch))} run {_duration(eta(left_run))}')
 
     def _show(self, final=False):
-        self.last_shown = time.time()
+        self.last_shown, self.shown = time.time(), self.done
         if self.tty:
             self.stream.write('\r' + self.line() + ('\n' if final else ''))
         else:

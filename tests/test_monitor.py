@@ -111,6 +111,8 @@ def test_progress_plain_lines_and_terminal_redraw(monkeypatch):
     progress.end_epoch()
     lines = log.getvalue().splitlines()
     assert 2 <= len(lines) <= 3 and '\r' not in log.getvalue()
+    done_counts = [line.split()[3] for line in lines]
+    assert len(done_counts) == len(set(done_counts))  # no line repeated at the epoch end
     assert lines[-1].startswith('epoch 1/3 [####################] 4/4')
     assert 'img/s' in lines[-1] and 'loss 9' in lines[-1]
     assert 'ETA epoch 00:00:00 run 00:' in lines[-1]  # 8 steps left in the run
