@@ -116,6 +116,8 @@ def open_pack(path, mode='r', **params):
     tables = import_tables(path)
     if not Path(path).is_file():
         raise InputError(f'packed file {path} does not exist')
+    if Path(path).stat().st_size and not tables.is_hdf5_file(str(path)):
+        raise InputError(f'{path} is not an HDF5 file (expected one written by pack.py)')
     try:
         h5 = tables.open_file(str(path), mode, **params)
     except (OSError, tables.HDF5ExtError, ValueError) as e:

@@ -639,12 +639,19 @@ def load_checkpoint_file(path):
     except pickle.UnpicklingError:
         pass  # a pickled function (earlier release): retry with the full unpickler below
     except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise InputError(f'cannot read checkpoint {path}: {e}'.split('\n')[0]) from None
+        raise InputError(f'cannot read checkpoint {path}: {_reason(e)}') from None
     try:
         return torch.load(path, map_location='cpu', weights_only=False,
                           pickle_module=_compat_pickle)
     except Exception as e:
-        raise InputError(f'cannot read checkpoint {path}: {e}'.split('\n')[0]) from None
+        raise InputError(f'cannot read checkpoint {path}: {_reason(e)}') from None
+
+
+def _reason(error):
+    # First line of the message; EOFError from an empty or cut-off file has none.
+    text = str(error).strip().split('\n')[0]
+    return text or ('the file is empty or truncated' if isinstance(error, EOFError)
+                    else type(error).__name__)
 
 
 def match_state_dict(state, model, what):

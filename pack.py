@@ -11,7 +11,6 @@ file names, in torchvision ImageFolder's order; data.py describes the layout and
 stored. Progress is committed every `--commit-every` images: rerunning an interrupted command
 continues where it stopped.
 """
-import argparse
 import collections
 import contextlib
 import itertools
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from main import ArgumentParser, non_negative_int
 from data import (PACK_FORMAT, PACK_SUFFIXES, PACK_VERSION, InputError, decode_rgb, import_tables,
                   open_pack, pack_split_group, read_strings)
 
@@ -33,16 +33,17 @@ CHUNK = 16  # images per job sent to a worker
 
 
 def get_arguments():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description='Pack an ImageFolder tree (DIR/train, DIR/val) into one HDF5 file',
-        epilog='Rerun the same command to resume an interrupted pack.')
+        epilog='Rerun the same command to resume an interrupted pack.', prog='pack.py')
     parser.add_argument('source', type=Path, nargs='?', metavar='DIR',
                         help='the dataset folder, holding DIR/<split>/<class>/<image>')
     parser.add_argument('output', type=Path, nargs='?', metavar='FILE',
                         help='the HDF5 file to write (.h5 or .hdf5 for main.py to recognise it)')
     parser.add_argument('--splits', nargs='+', default=['train', 'val'], metavar='SPLIT',
                         help='subfolders of DIR to pack (default: train val)')
-    parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument('--workers', type=non_negative_int,
+                        default=min(8, os.cpu_count() or 1),
                         help='processes that read and decode images (default: min(8, CPUs); '
                              '0 reads in the main process)')
     parser.add_argument('--skip-bad', action='store_true',

@@ -197,7 +197,8 @@ def test_image_folder_refuses_a_missing_split_an_unfinished_pack_or_another_file
     with pytest.raises(InputError, match=r'other.hdf5 is not a file written by pack.py$'):
         image_folder(other)
     (tmp_path / 'junk.h5').write_bytes(b'not hdf5 at all')
-    with pytest.raises(InputError, match=r'^cannot open packed file .*junk.h5: '):
+    with pytest.raises(InputError,
+                       match=r'junk.h5 is not an HDF5 file \(expected one written by pack.py\)$'):
         image_folder(tmp_path / 'junk.h5')
     unfinished = tmp_path / 'unfinished.h5'
     unfinished.write_bytes(h5.read_bytes())
@@ -356,7 +357,7 @@ def test_bad_input_is_a_one_line_error(packed, tmp_path, capsys):
         f'cannot write {tmp_path}/no_dir/c.h5: directory {tmp_path}/no_dir does not exist')
     not_a_pack = tmp_path / 'd.h5'
     not_a_pack.write_bytes(b'precious')
-    assert 'cannot open packed file' in error(tree, not_a_pack)
+    assert 'is not an HDF5 file' in error(tree, not_a_pack)
     assert not_a_pack.read_bytes() == b'precious'
 
     # An existing pack from another tree, or of other classes, is never mixed with this one.
