@@ -96,7 +96,6 @@ def step_images_per_second(args, setting, device):
         step()
     synchronize(device)
     elapsed = time.perf_counter() - start
-    del model, optimizer
     return args.steps * args.batch_size / elapsed, peak_memory_gib(device), precision
 
 
