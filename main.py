@@ -32,7 +32,8 @@ from torch import nn, optim
 
 import distributed
 from augmentations import CropTransform, FastTwoViews, open_for_crop, step_generator
-from data import EpochSampler, InputError, SeededSamples, image_folder, make_demo_dataset
+from data import (EpochSampler, InputError, SeededSamples, image_folder, is_pack_path,
+                  make_demo_dataset)
 from monitor import OnlineProbe, Progress, StatsLog
 from preemption import RunLock, StopRequests, parse_duration
 
@@ -528,14 +529,16 @@ def build_knn_loaders(args, info):
     if not args.knn_every:
         return None
     import evaluate  # evaluate.py imports this module: import it only when asked for
-    bank = image_folder(args.data, evaluate.val_transform(args.crop_size))
-    if (Path(args.data) / 'val').is_dir() or str(args.data).endswith(('.h5', '.hdf5')):
+    transform = evaluate.val_transform(args.crop_size)
+    bank = image_folder(args.data, transform)
+    queries = None
+    if is_pack_path(args.data):
         try:
-            queries = image_folder(args.data, evaluate.val_transform(args.crop_size), 'val')
+            queries = image_folder(args.data, transform, 'val')
         except InputError:
-            queries = None
-    else:
-        queries = None
+            pass  # a pack without a val split
+    elif (Path(args.data) / 'val').is_dir():  # a broken val folder is an error, not a fallback
+        queries = image_folder(args.data, transform, 'val')
     if queries is not None:
         evaluate.align_classes(queries, bank)
     else:  # hold out every 10th image (a fixed, class-balanced-enough slice) as queries
