@@ -379,7 +379,9 @@ def between_steps(run, epoch, steps_done, bad_step):
     """Mid-epoch checkpoints on --checkpoint-every, and stopping on SIGTERM/SIGUSR1."""
     signum = run.stop.agreed()
     every = run.args.checkpoint_every
-    due = every is not None and time.time() - run.last_save >= every
+    # (at an epoch's last step the end-of-epoch checkpoint follows anyway)
+    due = every is not None and time.time() - run.last_save >= every \
+        and steps_done < run.steps_per_epoch
     if not (signum or due):
         return
     stop_if_non_finite(bad_step, run.args)  # never checkpoint a diverged model
