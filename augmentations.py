@@ -36,10 +36,9 @@ import torchvision
 import torchvision.transforms as transforms
 from torch import nn
 
-from data import InputError
+from data import DECODE_ERRORS, InputError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # as main.py's
-DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)
 SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(threshold=128): x >= 128 -> 255 - x
 SIGMA_RANGE = (0.1, 2.0)  # the reference's GaussianBlur: sigma = random.random() * 1.9 + 0.1
 BLUR_PASSES, BOX_RADIUS = 3, 2  # PIL's box passes per axis, and their reach for sigma <= 2

@@ -354,10 +354,6 @@ def resume(args, model, optimizer, scheduler, pretrained):
 # Pretrained files
 # ---------------------------------------------------------------------------------------------
 
-def _strip_module(state):
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
-
-
 def read_pretrained(path):
     """(candidate backbone state dict without fc.*, the saved main.py args or {}) from any
     accepted format: a backbone or torchvision-style state dict, or a full checkpoint whose
@@ -368,7 +364,7 @@ def read_pretrained(path):
         raise InputError(f'{path} holds a {type(obj).__name__}, not a state dict or checkpoint')
     saved = obj.get('args') if isinstance(obj.get('args'), dict) else {}
     state = obj['model'] if isinstance(obj.get('model'), dict) else obj
-    state = _strip_module(state)
+    state = pretrain.strip_module_prefix(state)
     backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     state = backbone or state
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]

@@ -30,7 +30,9 @@ RELEASED_URL = ('https://dl.fbaipublicfiles.com/barlowtwins/'
                 'ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth')
 
 _HERE = pathlib.Path(__file__).resolve().parent
-_REPO_MODULES = ('data', 'distributed', 'main', 'evaluate')
+# Every module of this repository (main.py imports monitor, preemption, augmentations...): any
+# of them could be shadowed by a user's module of the same name.
+_REPO_MODULES = tuple(sorted(p.stem for p in _HERE.glob('*.py') if p.stem != 'hubconf'))
 
 
 def resnet50(pretrained=True, progress=True, weights=None, **kwargs):
@@ -84,8 +86,7 @@ def barlowtwins(checkpoint, arch=None, cifar_stem=None, progress=True):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
         raise main.InputError(f'{checkpoint} is not a full checkpoint.pth (no "model" entry); '
                               f'for a backbone file use the "backbone" entry')
-    state = {(k[len('module.'):] if k.startswith('module.') else k): v
-             for k, v in ckpt['model'].items()}
+    state = main.strip_module_prefix(ckpt['model'])
     saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
     arch = arch or saved.get('arch', 'resnet50')
     cifar_stem = bool(saved.get('cifar_stem', False) if cifar_stem is None else cifar_stem)

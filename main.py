@@ -659,15 +659,18 @@ def _reason(error):
                     else type(error).__name__)
 
 
+def strip_module_prefix(state):
+    """State-dict keys without DistributedDataParallel's `module.` prefix."""
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
+
+
 def match_state_dict(state, model, what):
     """`state` with keys renamed to `model`'s ('module.' prefix added or removed); any other
     difference in keys or shapes is an InputError naming them."""
     expected = model.state_dict()
     want_prefix = next(iter(expected)).startswith('module.')
-    renamed = {}
-    for k, v in state.items():
-        k = k[len('module.'):] if k.startswith('module.') else k
-        renamed[('module.' + k) if want_prefix else k] = v
+    renamed = {('module.' + k) if want_prefix else k: v
+               for k, v in strip_module_prefix(state).items()}
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(set(renamed) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(renamed)
