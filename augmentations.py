@@ -14,7 +14,10 @@ sample. Wiring (main.py):
     folder = ImageFolder(root / 'train', transform=CropTransform(crop), loader=open_for_crop)
     augment = FastTwoViews().to(device)                                  # once
     y1, y2 = augment(y1.to(device, non_blocking=True), y2.to(device, non_blocking=True),
-                     generator=step_generator(device, seed, step, rank))  # each step
+                     generator=step_generator('cpu', seed, step, rank))  # each step
+
+The colour parameters are drawn on the host and every choice of samples is planned there, so
+the device half never makes the host wait for the device (no synchronisation per step).
 
 Deviations from the PIL reference (tests/test_augmentations.py measures each): the colour ops
 run on float32 with torchvision's tensor formulas and PIL's 601-2 luma weights, without uint8
@@ -234,14 +237,15 @@ def adjust_hue(x, factor):
 
 
 def pil_box_kernel(sigma):
-    """(M, 5) weights of one pass of PIL's GaussianBlur(radius=sigma), one row per sigma.
+    """(M, 5) float64 weights of one pass of PIL's GaussianBlur(radius=sigma), one row per sigma.
 
     PIL approximates a Gaussian by three passes, per direction, of an "extended box"
     (Gwosdek et al. 2011) of fractional radius r = l + a: weight 1 / (2r + 1) on |k| <= l and
     the remainder split over |k| = l + 1. The three passes have variance sigma^2 exactly (a
     sampled Gaussian has not, below sigma = 0.5). For sigma <= 2, l <= 1: 5 taps per pass.
     """
-    sigma2 = sigma.to(torch.float64).view(-1, 1) ** 2 / BLUR_PASSES  # (M, 1), per pass
+    # On the host: a handful of numbers, and the range check below must not wait for a device.
+    sigma2 = sigma.to('cpu', torch.float64).view(-1, 1) ** 2 / BLUR_PASSES  # (M, 1), per pass
     big = torch.sqrt(12.0 * sigma2 + 1.0)
     l = torch.floor((big - 1.0) / 2.0)
     a = (2 * l + 1) * (l * (l + 1) - 3 * sigma2) / (6 * (sigma2 - (l + 1) ** 2))
@@ -249,7 +253,7 @@ def pil_box_kernel(sigma):
     outer = (1.0 - (2 * l + 1) * inner) / 2  # weight of the two taps at +-(l + 1)
     if bool((l > BOX_RADIUS - 1).any()):
         raise ValueError(f'sigma {float(sigma.max()):.3g} needs wider box passes')
-    distance = torch.arange(-BOX_RADIUS, BOX_RADIUS + 1, device=sigma.device).abs().view(1, -1)
+    distance = torch.arange(-BOX_RADIUS, BOX_RADIUS + 1).abs().view(1, -1)
     return torch.where(distance <= l, inner, torch.where(distance == l + 1, outer, 0.0))
 
 
@@ -257,8 +261,13 @@ def gaussian_blur(x, sigma):
     """PIL's GaussianBlur(radius=sigma), one sigma per sample, on float (M, C, H, W): three
     box passes (`pil_box_kernel`) along each axis, each extending the border with the edge
     pixel as PIL does. Only PIL's rounding to uint8 after each pass is missing."""
+    return _box_blur(x, pil_box_kernel(sigma).to(x.device, x.dtype))
+
+
+def _box_blur(x, box):
+    """`gaussian_blur` with the (M, 5) pass weights already computed (on x's device)."""
     m, c, height, width = x.shape
-    box = pil_box_kernel(sigma).to(x.dtype).repeat_interleave(c, dim=0)  # (M*C, 5)
+    box = box.to(x.dtype).repeat_interleave(c, dim=0)  # (M*C, 5)
     y = x.reshape(1, m * c, height, width)  # one group per (sample, channel)
     for pad, weight in (((BOX_RADIUS, BOX_RADIUS, 0, 0), box.view(m * c, 1, 1, -1)),
                         ((0, 0, BOX_RADIUS, BOX_RADIUS), box.view(m * c, 1, -1, 1))):
@@ -271,15 +280,26 @@ def solarize(x):
     return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
 
 
-def _apply_where(x, mask, op, *factors):
-    """x with op(x[k], factors[k]) for the samples where mask is set (computed on those only)."""
-    index = mask.nonzero().squeeze(1)
-    if index.numel() == 0:
+def _apply_where(x, index, count, op, *factors):
+    """x with op(x[k], factors[k]) for the `count` samples listed in `index` (on x's device;
+    `count` known on the host, so nothing here waits for the device)."""
+    if count == 0:
         return x
-    if index.numel() == x.shape[0]:
+    if count == x.shape[0]:  # index is then 0..N-1, in order
         return op(x, *factors)
-    picked = op(x.index_select(0, index), *(f.index_select(0, index) for f in factors))
-    return x.index_copy_(0, index, picked)
+    return x.index_copy_(0, index, op(x.index_select(0, index), *factors))
+
+
+def _to_device_at_once(host_tensors, device):
+    """Several small host tensors on `device` through one asynchronous copy (pinned memory on
+    CUDA, so the host never waits for the device); every value is exact in float64."""
+    sizes = [t.numel() for t in host_tensors]
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in host_tensors])
+    if device.type == 'cuda':
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return [part.view(t.shape).to(t.dtype) if t.dtype != torch.float64 else part.view(t.shape)
+            for part, t in zip(flat.split(sizes), host_tensors)]
 
 
 class BatchAugment(nn.Module):
@@ -321,27 +341,50 @@ class BatchAugment(nn.Module):
 
     @torch.no_grad()
     def forward(self, images, generator=None, params=None, return_params=False):
+        """Augmented views of `images`. The parameters are drawn from `generator` (default:
+        the global CPU generator) unless given; drawn on, or given from, the host, they let
+        every selection of samples be planned there, so the device never has to report back
+        (no host synchronisation). Parameters that live on a GPU are copied to the host first,
+        which waits for it."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f'expected a uint8 (N, 3, H, W) batch, got {images.dtype} '
                              f'{tuple(images.shape)}')
         if params is None:
-            params = self.sample_params(images.shape[0], images.device, generator)
+            params = self.sample_params(images.shape[0], 'cpu' if generator is None else None,
+                                        generator)
         # float32 also when called inside the model's autocast region
         with torch.autocast(images.device.type, enabled=False):
             x = self._augment(images, params)
         return (x, params) if return_params else x
 
-    def _augment(self, images, params):
-        x = images.to(torch.float32).div_(255)  # keeps a channels-last layout
+    def _plan(self, params):
+        """On the host: [(op, index, count, factors)] in the reference's order, each op with
+        the samples that have it, their factors, and (for the blur) the box weights."""
+        host = {name: value.cpu() for name, value in params.items()}
         ops = dict(brightness=adjust_brightness, contrast=adjust_contrast,
                    saturation=adjust_saturation, hue=adjust_hue)
+        plan = []
+
+        def add(op, mask, *factors):
+            index = mask.nonzero().squeeze(1)
+            plan.append((op, index, index.numel(), [f.index_select(0, index) for f in factors]))
+
         for position in range(4):  # 16 masked ops, each on the samples that have it there
-            for k, op in enumerate(JITTER_OPS):
-                mask = params['jitter'] & (params['order'][:, position] == k)
-                x = _apply_where(x, mask, ops[op], params[op])
-        x = _apply_where(x, params['grayscale'], _grayscale3)
-        x = _apply_where(x, params['blur'], gaussian_blur, params['sigma'])
-        x = _apply_where(x, params['solarize'], solarize)
+            for k, name in enumerate(JITTER_OPS):
+                add(ops[name], host['jitter'] & (host['order'][:, position] == k), host[name])
+        add(_grayscale3, host['grayscale'])
+        add(_box_blur, host['blur'], pil_box_kernel(host['sigma']).float())
+        add(solarize, host['solarize'])
+        return plan
+
+    def _augment(self, images, params):
+        plan = self._plan(params)
+        tensors = [t for _, index, _, factors in plan for t in (index, *factors)]
+        on_device = iter(_to_device_at_once(tensors, images.device))
+        x = images.to(torch.float32).div_(255)  # keeps a channels-last layout
+        for op, _, count, factors in plan:
+            index = next(on_device)
+            x = _apply_where(x, index, count, op, *[next(on_device) for _ in factors])
         return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
 
@@ -362,7 +405,8 @@ class FastTwoViews(nn.Module):
 
 def step_generator(device, seed, step, rank=0):
     """A generator for one training step's device augmentations, a function of (seed, global
-    step, rank) only: a run resumed mid-epoch draws exactly the parameters it would have."""
+    step, rank) only: a run resumed mid-epoch draws exactly the parameters it would have.
+    Training draws on a 'cpu' one (see BatchAugment.forward)."""
     state = np.random.SeedSequence([seed & 0xFFFFFFFF, step, rank]).generate_state(2)
     generator = torch.Generator(device=device)
     generator.manual_seed(int(state[0]) << 32 | int(state[1]))

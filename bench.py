@@ -7,7 +7,9 @@
 The training step uses synthetic tensors (ResNet-50, 8192-8192-8192 projector, 224 px, batch 256
 per device by default on a GPU; smaller defaults on a CPU, printed with the results). "reference"
 is the original's settings (fp16 autocast with a gradient scaler on GPU / fp32 on CPU, NCHW,
-per-parameter LARS); "fast" is --fast (bf16, channels-last, torch.compile, multi-tensor LARS).
+per-parameter LARS); "fast" is --fast (bf16, channels-last, torch.compile, multi-tensor LARS,
+and the fast augmentation's device half, which it has to pay for: its steps start from uint8
+crops in pinned host memory, copied and augmented as main.py does).
 Printed as a table with ratios to the first setting; peak memory is the device's peak allocation
 (CUDA) or the process's peak resident set (CPU).
 """
@@ -17,17 +19,25 @@ import resource
 import shutil
 import sys
 import time
+import types
 
 import torch
 import torchvision
 
+import augmentations
 import distributed
 import main as pretrain
 
 SETTINGS = {
-    'reference': dict(precision=None, channels_last=False, compile=False, lars_foreach=False),
-    'fast': dict(precision='bf16', channels_last=True, compile=True, lars_foreach=True),
-    'fast-nocompile': dict(precision='bf16', channels_last=True, compile=False, lars_foreach=True),
+    'reference': dict(precision=None, channels_last=False, compile=False, lars_foreach=False,
+                      fast_augment=False),
+    'fast': dict(precision='bf16', channels_last=True, compile=True, lars_foreach=True,
+                 fast_augment=True),
+    'fast-nocompile': dict(precision='bf16', channels_last=True, compile=False, lars_foreach=True,
+                           fast_augment=True),
+    # --fast's step alone, from float tensors: the difference to 'fast' is the device half
+    'fast-noaugment': dict(precision='bf16', channels_last=True, compile=True, lars_foreach=True,
+                           fast_augment=False),
 }
 
 
@@ -75,10 +85,24 @@ def step_images_per_second(args, setting, device):
     dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(precision)
     memory_format = torch.channels_last if run_args.channels_last else torch.contiguous_format
     shape = (args.batch_size, 3, args.crop_size, args.crop_size)
-    y1 = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
-    y2 = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+    if run_args.fast_augment:
+        crops = [torch.randint(0, 256, shape, dtype=torch.uint8) for _ in range(2)]
+        if device.type == 'cuda':
+            crops = [c.pin_memory() for c in crops]
+        # what main.py's training loop reads in views_to_device
+        run = types.SimpleNamespace(args=argparse.Namespace(seed=0), info=info,
+                                    augment=augmentations.FastTwoViews().to(device),
+                                    memory_format=memory_format)
+    else:
+        y1 = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+        y2 = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+    steps_done = [0]
 
     def step():
+        nonlocal y1, y2
+        if run_args.fast_augment:
+            y1, y2 = pretrain.views_to_device(run, *crops, steps_done[0])
+        steps_done[0] += 1
         optimizer.zero_grad()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = model.forward(y1, y2)
@@ -157,7 +181,6 @@ def bench_data(images, crop_size):
     import tempfile
     from pathlib import Path
 
-    import augmentations
     import pack
     from data import image_folder
     work = Path(tempfile.mkdtemp(prefix='bench-data-'))

@@ -1,0 +1,42 @@
+"""bench.py runs both benchmarks end to end on tiny settings and prints its tables."""
+import re
+
+import bench
+
+
+def table_rows(text, title):
+    """The body rows of the first Markdown table after `title` (header and rule left out)."""
+    lines = text.split(title, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('|'))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith('|'):
+            break
+        table.append(line)
+    return table[2:]
+
+
+def test_training_step_table_compares_settings(capsys):
+    bench.main(['--device', 'cpu', '--arch', 'resnet18', '--projector', '32-32', '--batch-size',
+                '4', '--crop-size', '32', '--steps', '2', '--warmup', '1',
+                '--settings', 'reference', 'fast-nocompile'])
+    out = capsys.readouterr().out
+    assert out.startswith('# bench.py --device cpu')
+    rows = table_rows(out, 'Training step: resnet18, projector 32-32, batch 4 per device, 32 px')
+    assert [r.split('|')[1].strip() for r in rows] == ['reference', 'fast-nocompile']
+    rates = [float(r.split('|')[2]) for r in rows]
+    ratios = [float(r.split('|')[3].strip().rstrip('x')) for r in rows]
+    assert all(rate > 0 for rate in rates) and ratios[0] == 1.0
+    assert abs(ratios[1] - rates[1] / rates[0]) < 0.01 + 0.01 * ratios[1]
+    assert [r.split('|')[5].strip() for r in rows] == ['fp32', 'bf16']
+
+
+def test_input_pipeline_table_from_files_and_pack(tiny_imagefolder, capsys):
+    bench.bench_data(str(tiny_imagefolder), 32)
+    out = capsys.readouterr().out
+    rows = table_rows(out, 'images per CPU-second of one worker process (1 thread)')
+    assert [r.split('|')[1].strip() for r in rows] == ['JPEG files', 'pack.py file']
+    for row in rows:
+        reference, fast, ratio = (float(v.strip().rstrip('x')) for v in row.split('|')[2:5])
+        assert reference > 0 and fast > 0 and abs(ratio - fast / reference) < 0.01 + 0.01 * ratio
+    assert re.search(r"device half, run on this CPU \(1 thread\): [\d.]+ images/s", out)
