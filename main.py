@@ -69,6 +69,16 @@ def non_negative_int(text):
     return value
 
 
+def unit_fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f'expected a number between 0 and 1, got {text!r}')
+    return value
+
+
 def duration(text):
     try:
         return parse_duration(text)
@@ -148,6 +158,12 @@ def get_arguments():
     parser.add_argument('--checkpoint-every', default=None, type=duration, metavar='TIME',
                         help='also write checkpoint.pth in the middle of epochs every TIME (e.g. '
                              '30m, 2h, 900s); a resumed run continues at the exact step')
+    parser.add_argument('--rollbacks', default=0, type=non_negative_int, metavar='N',
+                        help='on a non-finite loss, go back to the last checkpoint and continue '
+                             'with the learning rates lowered (see --rollback-lr-factor), at most '
+                             'N times in the whole run; 0 (default, as the reference) stops')
+    parser.add_argument('--rollback-lr-factor', default=0.5, type=unit_fraction, metavar='F',
+                        help='each rollback multiplies both learning rates by F (default 0.5)')
     parser.add_argument('--bad-images', default='stop', choices=('stop', 'skip'),
                         help='an unreadable image stops the run naming the file (stop, as the '
                              'reference) or is replaced by the next readable one and counted '
@@ -223,6 +239,8 @@ def check_arguments(args):
         args.precision = args.precision or 'bf16'
     if args.crop_size < 8:
         raise InputError(f'--crop-size {args.crop_size} is too small (at least 8)')
+    # Run state that --rollbacks changes; checkpoints carry it, so a resumed run keeps it.
+    args.lr_scale, args.rollbacks_done = 1.0, 0
 
 
 def main(argv=None):
@@ -295,7 +313,15 @@ def train(info, args):
             remove_temporaries(args.checkpoint_dir)
         run, start_epoch, start_step = build_run(info, args)
         try:
-            train_epochs(run, start_epoch, start_step)
+            if args.rollbacks and info.is_main and \
+                    not (args.checkpoint_dir / 'checkpoint.pth').is_file():
+                save_checkpoint(run, start_epoch, start_step)  # something to roll back to
+            while True:
+                try:
+                    train_epochs(run, start_epoch, start_step)
+                    break
+                except NonFiniteLoss as e:
+                    start_epoch, start_step = roll_back(run, e)
         finally:
             run.stop.close()
             run.log.close()
@@ -407,7 +433,8 @@ def views_to_device(run, y1, y2, step):
     device = run.info.device
     y1, y2 = y1.to(device, non_blocking=True), y2.to(device, non_blocking=True)
     if run.augment is not None:  # --fast-augment: uint8 crops in, normalised views out
-        generator = step_generator(device, run.args.seed, step, run.info.rank)
+        # parameters drawn on the host: picking the samples for each op never waits for the GPU
+        generator = step_generator('cpu', run.args.seed, step, run.info.rank)
         y1, y2 = run.augment(y1, y2, generator=generator)
     return y1.to(memory_format=run.memory_format), y2.to(memory_format=run.memory_format)
 
@@ -425,12 +452,45 @@ def log_step(run, epoch, step, loss, bad_step):
     return stats['loss']
 
 
+class NonFiniteLoss(InputError):
+    """The loss was NaN or infinite at `step` (the same step on every rank: the loss is global)."""
+
+    def __init__(self, step, args):
+        super().__init__(f'non-finite loss at step {step}; stopping without saving, the last good '
+                         f'checkpoint in {args.checkpoint_dir} is unchanged (try a lower learning '
+                         f'rate, --rollbacks or --precision fp32)')
+        self.step = step
+
+
 def stop_if_non_finite(bad_step, args):
     step = int(bad_step.item())
     if step >= 0:
-        raise InputError(f'non-finite loss at step {step}; stopping without saving, the last good '
-                         f'checkpoint in {args.checkpoint_dir} is unchanged (try a lower learning '
-                         f'rate or --precision fp32)')
+        raise NonFiniteLoss(step, args)
+
+
+def roll_back(run, error):
+    """After a non-finite loss: reload the last checkpoint on every rank and lower the learning
+    rates by --rollback-lr-factor; re-raise when --rollbacks are used up. Returns where to
+    continue, (epoch, steps done in it)."""
+    args, info = run.args, run.info
+    if args.rollbacks_done >= args.rollbacks:
+        if args.rollbacks:
+            raise InputError(f'{error} (after {args.rollbacks_done} rollback(s), the most '
+                             f'--rollbacks allows)') from None
+        raise error
+    if info.world_size > 1:
+        dist.barrier(group=run.stop.group)  # every rank is here: no checkpoint write under way
+    scale, done = args.lr_scale, args.rollbacks_done
+    epoch, step = resume(args, run.model, run.optimizer, run.scaler, run.probe)
+    args.lr_scale = min(scale, args.lr_scale) * args.rollback_lr_factor
+    args.rollbacks_done = done + 1
+    if run.probe is not None:
+        run.probe.counts.zero_()  # the abandoned steps' accuracy
+    run.log.note(f'non-finite loss at step {error.step}: rolled back to '
+                 f'{args.checkpoint_dir / "checkpoint.pth"} (epoch {epoch}, step {step} of the '
+                 f'epoch), learning rates now x{args.lr_scale:g} of the schedule (rollback '
+                 f'{args.rollbacks_done} of at most {args.rollbacks})')
+    return epoch, step
 
 
 def gradient_factor(args, world_size):
@@ -696,7 +756,8 @@ def save_checkpoint(run, epoch, steps_done=0):
         epoch, steps_done = epoch + 1, 0
     state = dict(epoch=epoch, step_in_epoch=steps_done, model=run.model.state_dict(),
                  optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
-                 args=checkpoint_args(run.args))
+                 args=checkpoint_args(run.args), lr_scale=run.args.lr_scale,
+                 rollbacks_done=run.args.rollbacks_done)
     if run.probe is not None:
         state['probe'] = run.probe.state_dict()
     save_atomic(state, run.args.checkpoint_dir / 'checkpoint.pth')
@@ -738,6 +799,8 @@ def resume(args, model, optimizer, scaler, probe=None):
         scaler.load_state_dict(ckpt['scaler'])
     if probe is not None and ckpt.get('probe'):
         probe.load_state_dict(ckpt['probe'])
+    args.lr_scale = float(ckpt.get('lr_scale', 1.0))  # lowered by earlier --rollbacks
+    args.rollbacks_done = int(ckpt.get('rollbacks_done', 0))
     return ckpt['epoch'], ckpt.get('step_in_epoch', 0)
 
 
@@ -763,7 +826,7 @@ def adjust_learning_rate(args, optimizer, loader, step):
 
 def set_learning_rates(args, optimizer, step, steps_per_epoch):
     lr = learning_rate_schedule(step, steps_per_epoch, args.epochs, args.batch_size,
-                                getattr(args, 'warmup_epochs', 10))
+                                getattr(args, 'warmup_epochs', 10)) * getattr(args, 'lr_scale', 1.0)
     if getattr(args, 'learning_rate', None) is not None:
         for group in optimizer.param_groups:
             group['lr'] = lr * args.learning_rate

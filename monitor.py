@@ -50,6 +50,13 @@ class StatsLog:
                 if key not in ('epoch', 'step', 'time') and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, global_step)
 
+    def note(self, text):
+        """A plain-text line (not JSON, so readers of the stats skip it), also on stderr."""
+        if self.file is None:
+            return
+        print(text, file=sys.stderr, flush=True)
+        print(text, file=self.file)
+
     def close(self):
         if self.file is not None:
             self.file.close()

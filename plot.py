@@ -39,6 +39,21 @@ def read_stats(path):
     return records
 
 
+def current_timeline(records):
+    """The records of the run as it went on. A run resumed from a mid-epoch checkpoint after a
+    crash, or rolled back by --rollbacks, logs some steps again: from such a step on, the later
+    records replace the earlier ones (the steps, and the summaries of that epoch and after)."""
+    kept, last_step = [], None
+    for r in records:
+        if 'step' in r and last_step is not None and r['step'] <= last_step:
+            kept = [k for k in kept if (k['step'] < r['step'] if 'step' in k
+                                        else k.get('epoch', -1) < r.get('epoch', 0))]
+        if 'step' in r:
+            last_step = r['step']
+        kept.append(r)
+    return kept
+
+
 def steps_per_epoch(records):
     """The run's steps per epoch, recovered from (epoch, step) pairs: step // L == epoch."""
     pairs = [(r['epoch'], r['step']) for r in records if 'step' in r and 'epoch' in r]
@@ -73,7 +88,7 @@ def plot(paths, output):
         import matplotlib.pyplot as plt
     except ImportError:
         raise StatsError('plotting needs matplotlib: pip install matplotlib') from None
-    runs = [(Path(p), read_stats(p)) for p in paths]
+    runs = [(Path(p), current_timeline(read_stats(p))) for p in paths]
     panels = [('loss', LOSS_KEYS, 'log'), ('learning rate', LR_KEYS, 'linear'),
               ('accuracy (%)', ACC_KEYS, 'linear')]
     panels = [p for p in panels if any(series(r, k)[0] for _, r in runs for k in p[1])]

@@ -94,6 +94,19 @@ def test_steps_per_epoch_recovered_from_stats():
         ([1, 2], [5.0, 9.0])
 
 
+def test_plot_keeps_the_records_that_replaced_a_rerun_stretch():
+    # steps 0-5 logged, a kNN summary after epoch 0 (3 steps per epoch) and epoch 1; then a
+    # rollback to the start of epoch 1 logs steps 3-5 again, and a new epoch-1 summary
+    first = [dict(epoch=s // 3, step=s, loss=1.0) for s in range(6)]
+    records = first[:3] + [dict(epoch=0, knn=10.0)] + first[3:] + [dict(epoch=1, knn=11.0)] + \
+        [dict(epoch=1, step=s, loss=2.0) for s in range(3, 6)] + [dict(epoch=1, knn=12.0)]
+    kept = plot.current_timeline(records)
+    assert [(r.get('step'), r.get('knn'), r.get('loss')) for r in kept] == \
+        [(0, None, 1.0), (1, None, 1.0), (2, None, 1.0), (None, 10.0, None),
+         (3, None, 2.0), (4, None, 2.0), (5, None, 2.0), (None, 12.0, None)]
+    assert plot.current_timeline(first) == first  # nothing rerun: unchanged
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self):
         return True

@@ -157,3 +157,106 @@ def test_skip_bad_images_counts_them(tiny_imagefolder, tmp_path, capsys):
     assert 'epoch 0: skipped 1 unreadable image(s)' in err
     assert 'epoch 1: skipped 1 unreadable image(s)' in err
     assert (tmp_path / 'ck' / 'resnet18.pth').exists()
+
+
+def poison_loss(monkeypatch, from_call, while_lr_scale=1.0):
+    """The loss turns NaN from its `from_call`-th computation on (0-based), as long as the run's
+    learning rates are at `while_lr_scale` of the schedule (None: whatever they are)."""
+    calls = []
+    original = main.BarlowTwins.loss
+
+    def loss(self, z1, z2):
+        value = original(self, z1, z2)
+        calls.append(None)
+        poisoned = len(calls) > from_call and \
+            (while_lr_scale is None or self.args.lr_scale == while_lr_scale)
+        return value * float('nan') if poisoned else value
+
+    monkeypatch.setattr(main.BarlowTwins, 'loss', loss)
+
+
+def test_rollback_continues_from_the_last_checkpoint_with_lower_rates(tiny_imagefolder, tmp_path,
+                                                                     monkeypatch, capsys):
+    ckdir = tmp_path / 'ck'
+    with monkeypatch.context() as m:
+        poison_loss(m, from_call=4)  # step 4: epoch 1 (3 steps per epoch), its second step
+        main.main(tiny_args(tiny_imagefolder, ckdir, '--rollbacks', '2', epochs=3))
+    err = capsys.readouterr().err
+    assert 'non-finite loss at step 4: rolled back to' in err and '(epoch 1, step 0' in err
+    assert 'x0.5 of the schedule (rollback 1 of at most 2)' in err
+    lines, stats = read_stats(ckdir)
+    assert any(line.startswith('non-finite loss at step 4: rolled back') for line in lines)
+    # step 3 ran, step 4 diverged (not logged), then epoch 1 again from its first step
+    assert [s['step'] for s in stats] == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8]
+    first, again = stats[3], stats[4]
+    assert again['lr_weights'] == pytest.approx(0.5 * first['lr_weights'])
+    assert again['lr_biases'] == pytest.approx(0.5 * first['lr_biases'])
+    assert again['loss'] == first['loss']  # same weights, same samples and views
+    ckpt = load_state(ckdir / 'checkpoint.pth')
+    assert (ckpt['epoch'], ckpt['lr_scale'], ckpt['rollbacks_done']) == (3, 0.5, 1)
+    # a resumed run keeps the lowered rates: one more epoch
+    main.main(tiny_args(tiny_imagefolder, ckdir, '--rollbacks', '2', epochs=4))
+    _, stats = read_stats(ckdir)
+    schedule = main.learning_rate_schedule(9, 3, 4, 4, warmup_epochs=1)
+    assert stats[-3]['step'] == 9 and stats[-3]['lr_weights'] == pytest.approx(0.5 * 0.2 * schedule)
+
+
+def test_rollback_before_the_first_checkpoint_and_when_used_up(tiny_imagefolder, tmp_path,
+                                                              monkeypatch, capsys):
+    ckdir = tmp_path / 'ck'
+    with monkeypatch.context() as m:
+        poison_loss(m, from_call=1, while_lr_scale=None)  # diverges at step 1, every time
+        with pytest.raises(SystemExit) as exit_info:
+            main.main(tiny_args(tiny_imagefolder, ckdir, '--rollbacks', '2',
+                                '--rollback-lr-factor', '0.1', epochs=2))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    # a checkpoint of the initial state was written to go back to; after the first rollback
+    # every loss is poisoned, from step 0 on
+    assert err.count(': rolled back to') == 2
+    assert 'non-finite loss at step 1: rolled back' in err
+    assert 'non-finite loss at step 0: rolled back' in err
+    assert '(epoch 0, step 0 of the epoch)' in err
+    assert 'x0.1 of the schedule (rollback 1' in err and 'x0.01 of the schedule (rollback 2' in err
+    assert err.strip().splitlines()[-1].endswith(
+        'non-finite loss at step 0; stopping without saving, the last good checkpoint in '
+        f'{ckdir} is unchanged (try a lower learning rate, --rollbacks or --precision fp32) '
+        '(after 2 rollback(s), the most --rollbacks allows)')
+    ckpt = load_state(ckdir / 'checkpoint.pth')
+    assert (ckpt['epoch'], ckpt['step_in_epoch'], ckpt['lr_scale']) == (0, 0, 1.0)
+
+
+@pytest.mark.parametrize('flag, value', [('--rollbacks', '-1'), ('--rollback-lr-factor', '1'),
+                                         ('--rollback-lr-factor', '0'),
+                                         ('--rollback-lr-factor', 'half')])
+def test_rollback_flags_refuse_bad_values(tiny_imagefolder, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(tiny_args(tiny_imagefolder, tmp_path / 'ck', flag, value))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and value in err[0]
+
+
+def test_two_processes_roll_back_together(tiny_imagefolder, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    from test_main import _two_process_worker
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        port = s.getsockname()[1]
+    ckdir = tmp_path / 'ck'
+    # absurd rates diverge within a few steps; one rollback brings them to 0.2 x the schedule
+    argv = tiny_args(tiny_imagefolder, ckdir, '--learning-rate-weights', '2e30',
+                     '--learning-rate-biases', '2e30', '--warmup-epochs', '0', '--rollbacks', '1',
+                     '--rollback-lr-factor', '1e-31')
+    mp.spawn(_two_process_worker, (port, argv), nprocs=2)
+    lines, stats = read_stats(ckdir)
+    notes = [line for line in lines if ': rolled back to' in line]
+    assert len(notes) == 1 and '(epoch 0, step 0 of the epoch)' in notes[0]  # rank 0 only
+    steps = [s['step'] for s in stats]
+    assert steps[-6:] == list(range(6))  # the whole run again from the initial checkpoint
+    assert all(s['lr_weights'] == pytest.approx(0.2 * main.learning_rate_schedule(
+        s['step'], 3, 2, 4, warmup_epochs=0)) for s in stats[-6:])
+    ckpt = load_state(ckdir / 'checkpoint.pth')
+    assert (ckpt['epoch'], ckpt['rollbacks_done']) == (2, 1)
+    assert ckpt['lr_scale'] == pytest.approx(1e-31)
