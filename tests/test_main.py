@@ -336,6 +336,34 @@ def test_fast_settings_train_and_keep_the_checkpoint_layout(tiny_imagefolder, tm
     assert b['args']['precision'] == 'bf16'
 
 
+def test_fast_with_compile_trains_like_without_on_one_and_two_processes(tiny_imagefolder,
+                                                                       tmp_path):
+    # --fast compiles backbone and projector (about a minute of CPU compiling, cold). The first
+    # step runs before any update, so its loss is the uncompiled model's up to bf16 rounding.
+    without = ('--precision', 'bf16', '--channels-last', '--lars-foreach', '--fast-augment')
+    main.main(tiny_args(tiny_imagefolder, tmp_path / 'plain', *without, epochs=1))
+    main.main(tiny_args(tiny_imagefolder, tmp_path / 'compiled', '--fast', epochs=1))
+    _, plain = read_stats(tmp_path / 'plain')
+    _, compiled = read_stats(tmp_path / 'compiled')
+    assert [s['step'] for s in compiled] == [0, 1, 2]
+    assert compiled[0]['loss'] == pytest.approx(plain[0]['loss'], rel=0.02)
+    assert all(torch.isfinite(torch.tensor(s['loss'])) for s in compiled)
+    a = load_state(tmp_path / 'plain' / 'checkpoint.pth')['model']
+    b = load_state(tmp_path / 'compiled' / 'checkpoint.pth')['model']
+    assert a.keys() == b.keys()
+    # two processes: compiled modules inside DistributedDataParallel, global BatchNorm's
+    # collectives traced by the compiler
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_worker,
+             (port, tiny_args(tiny_imagefolder, tmp_path / 'two', '--fast', epochs=1)), nprocs=2)
+    _, two = read_stats(tmp_path / 'two')
+    assert [s['step'] for s in two] == [0, 1, 2]
+    assert all(torch.isfinite(torch.tensor(s['loss'])) for s in two)
+    assert load_state(tmp_path / 'two' / 'checkpoint.pth')['model'].keys() == a.keys()
+
+
 def test_compiled_model_keeps_parameter_names(tiny_imagefolder, tmp_path):
     args = main.parse_arguments(tiny_args(tiny_imagefolder, tmp_path / 'ck', '--fast'))
     assert (args.precision, args.channels_last, args.compile, args.lars_foreach,
