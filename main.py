@@ -354,6 +354,7 @@ def train_epochs(run, start_epoch, start_step):
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, info.rank)
         train_one_epoch(run, epoch, start_step if epoch == start_epoch else 0)
+        stop_if_weights_non_finite(run, (epoch + 1) * run.steps_per_epoch - 1)
         if args.knn_every and (epoch + 1) % args.knn_every == 0:
             knn_monitor(run, epoch)
         if info.is_main:
@@ -403,14 +404,16 @@ def start_epoch_of_loader(run, epoch, first_step):
 
 def between_steps(run, epoch, steps_done, bad_step):
     """Mid-epoch checkpoints on --checkpoint-every, and stopping on SIGTERM/SIGUSR1."""
-    signum = run.stop.agreed()
     every = run.args.checkpoint_every
     # (at an epoch's last step the end-of-epoch checkpoint follows anyway)
     due = every is not None and time.time() - run.last_save >= every \
         and steps_done < run.steps_per_epoch
+    signum, due = run.stop.agreed(due)  # every rank acts at the same step
     if not (signum or due):
         return
-    stop_if_non_finite(bad_step, run.args)  # never checkpoint a diverged model
+    # never checkpoint a diverged model (every rank checks: with --rollbacks all go back)
+    stop_if_non_finite(bad_step, run.args)
+    stop_if_weights_non_finite(run, epoch * run.steps_per_epoch + steps_done - 1)
     if run.info.is_main:
         save_checkpoint(run, epoch, steps_done)
     run.last_save = time.time()
@@ -453,19 +456,30 @@ def log_step(run, epoch, step, loss, bad_step):
 
 
 class NonFiniteLoss(InputError):
-    """The loss was NaN or infinite at `step` (the same step on every rank: the loss is global)."""
+    """The loss was NaN or infinite at `step`, or the weights were after it (the same step on
+    every rank: the loss is global, the weights are the same everywhere)."""
 
-    def __init__(self, step, args):
-        super().__init__(f'non-finite loss at step {step}; stopping without saving, the last good '
-                         f'checkpoint in {args.checkpoint_dir} is unchanged (try a lower learning '
-                         f'rate, --rollbacks or --precision fp32)')
-        self.step = step
+    def __init__(self, step, args, what='loss at'):
+        hint = 'a lower learning rate or --precision fp32' if args.rollbacks else \
+            'a lower learning rate, --rollbacks or --precision fp32'
+        super().__init__(f'non-finite {what} step {step}; stopping without saving, the last good '
+                         f'checkpoint in {args.checkpoint_dir} is unchanged (try {hint})')
+        self.step, self.what = step, what
 
 
 def stop_if_non_finite(bad_step, args):
     step = int(bad_step.item())
     if step >= 0:
         raise NonFiniteLoss(step, args)
+
+
+def stop_if_weights_non_finite(run, step):
+    """Before a checkpoint: a finite loss at the last step says nothing of the update after it."""
+    state = [t for t in run.model.state_dict().values() if t.is_floating_point()]
+    state += [t for s in run.optimizer.state.values() for t in s.values()
+              if torch.is_tensor(t) and t.is_floating_point()]
+    if state and not bool(torch.stack([torch.isfinite(t).all() for t in state]).all()):
+        raise NonFiniteLoss(step, run.args, what='weights after')
 
 
 def roll_back(run, error):
@@ -486,7 +500,9 @@ def roll_back(run, error):
     args.rollbacks_done = done + 1
     if run.probe is not None:
         run.probe.counts.zero_()  # the abandoned steps' accuracy
-    run.log.note(f'non-finite loss at step {error.step}: rolled back to '
+    if info.is_main:  # the same weights, with the new scale and count: a crash keeps them
+        save_checkpoint(run, epoch, step)
+    run.log.note(f'non-finite {error.what} step {error.step}: rolled back to '
                  f'{args.checkpoint_dir / "checkpoint.pth"} (epoch {epoch}, step {step} of the '
                  f'epoch), learning rates now x{args.lr_scale:g} of the schedule (rollback '
                  f'{args.rollbacks_done} of at most {args.rollbacks})')

@@ -51,13 +51,15 @@ class StopRequests:
     def _handle(self, signum, frame):
         self.received = self.received or signum
 
-    def agreed(self):
-        """The stop signal (0 for none), identical on every rank; a collective."""
+    def agreed(self, due=False):
+        """(stop signal or 0, whether any rank has `due` set), identical on every rank; a
+        collective. `due` carries a rank's own decision that a checkpoint is due (clocks and
+        start times differ between ranks), so that all ranks act on it at the same step."""
         if self.world_size == 1:
-            return self.received
-        flag = torch.tensor([self.received], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flag.item())
+            return self.received, bool(due)
+        flags = torch.tensor([self.received, int(due)], dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flags[0]), bool(flags[1])
 
     def close(self):
         for sig, handler in self.previous.items():

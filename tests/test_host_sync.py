@@ -102,3 +102,21 @@ def test_training_steps_read_nothing_back_between_logging_steps(tiny_imagefolder
     momentum = [run.optimizer.state[p]['mu'] for p in run.model.parameters()]
     assert len(momentum) == len(list(run.model.parameters()))
     assert all(m.device == META for m in momentum)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_augmentation_on_cuda_matches_the_cpu_without_synchronising():
+    # the pinned copy and the float64 round trip of the plan, on a real GPU
+    images = torch.randint(0, 256, (32, 3, 40, 40), dtype=torch.uint8)
+    params = A.BatchAugment(0.5, 0.2).sample_params(
+        32, generator=torch.Generator().manual_seed(0))
+    expected = A.BatchAugment(0.5, 0.2)(images, params=params)
+    augment, on_device = A.BatchAugment(0.5, 0.2).cuda(), images.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        views = augment(on_device, params=params)
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    # (the blur's convolutions may run in TF32 on the GPU: about 1e-3 of a value)
+    torch.testing.assert_close(views.cpu(), expected, atol=1e-2, rtol=0)

@@ -220,10 +220,12 @@ def test_rollback_before_the_first_checkpoint_and_when_used_up(tiny_imagefolder,
     assert 'x0.1 of the schedule (rollback 1' in err and 'x0.01 of the schedule (rollback 2' in err
     assert err.strip().splitlines()[-1].endswith(
         'non-finite loss at step 0; stopping without saving, the last good checkpoint in '
-        f'{ckdir} is unchanged (try a lower learning rate, --rollbacks or --precision fp32) '
+        f'{ckdir} is unchanged (try a lower learning rate or --precision fp32) '
         '(after 2 rollback(s), the most --rollbacks allows)')
     ckpt = load_state(ckdir / 'checkpoint.pth')
-    assert (ckpt['epoch'], ckpt['step_in_epoch'], ckpt['lr_scale']) == (0, 0, 1.0)
+    # the initial weights, with the rates and count of the last rollback
+    assert (ckpt['epoch'], ckpt['step_in_epoch'], ckpt['rollbacks_done']) == (0, 0, 2)
+    assert ckpt['lr_scale'] == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize('flag, value', [('--rollbacks', '-1'), ('--rollback-lr-factor', '1'),
@@ -260,3 +262,92 @@ def test_two_processes_roll_back_together(tiny_imagefolder, tmp_path):
     ckpt = load_state(ckdir / 'checkpoint.pth')
     assert (ckpt['epoch'], ckpt['rollbacks_done']) == (2, 1)
     assert ckpt['lr_scale'] == pytest.approx(1e-31)
+
+
+def poison_weights(monkeypatch, at_call):
+    """The `at_call`-th LARS step (0-based) leaves a NaN in the first weight, the loss of that
+    step being finite, as long as the learning rates are at full scale."""
+    calls = []
+    original = main.LARS.step
+
+    def step(self, closure=None):
+        result = original(self, closure)
+        calls.append(None)
+        if len(calls) == at_call + 1:
+            self.param_groups[0]['params'][0].data.view(-1)[0] = float('nan')
+        return result
+
+    monkeypatch.setattr(main.LARS, 'step', step)
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny_imagefolder, tmp_path, monkeypatch,
+                                                   capsys):
+    ckdir = tmp_path / 'ck'
+    with monkeypatch.context() as m:
+        poison_weights(m, at_call=2)  # the last step of epoch 0: every loss in it was finite
+        with pytest.raises(SystemExit) as exit_info:
+            main.main(tiny_args(tiny_imagefolder, ckdir, epochs=2))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith('non-finite weights after step 2; stopping without saving, the last '
+                            f'good checkpoint in {ckdir} is unchanged (try a lower learning '
+                            'rate, --rollbacks or --precision fp32)')
+    assert not (ckdir / 'checkpoint.pth').exists()
+    # with --rollbacks: back to the initial state, which the run wrote first
+    with monkeypatch.context() as m:
+        poison_weights(m, at_call=2)
+        main.main(tiny_args(tiny_imagefolder, ckdir, '--rollbacks', '1', epochs=2))
+    lines, stats = read_stats(ckdir)
+    assert any(line.startswith('non-finite weights after step 2: rolled back to') and
+               '(epoch 0, step 0 of the epoch)' in line for line in lines)
+    assert [s['step'] for s in stats][-6:] == list(range(6))
+    ckpt = load_state(ckdir / 'checkpoint.pth')
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    assert (ckpt['epoch'], ckpt['lr_scale'], ckpt['rollbacks_done']) == (2, 0.5, 1)
+
+
+def test_rollback_rewrites_the_checkpoint_with_the_new_rates(tiny_imagefolder, tmp_path,
+                                                            monkeypatch):
+    # a crash right after a rollback must not resume at the old rates with the count reset
+    ckdir = tmp_path / 'ck'
+    roll_back = main.roll_back
+
+    def roll_back_then_crash(run, error):
+        roll_back(run, error)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        poison_loss(m, from_call=4)
+        m.setattr(main, 'roll_back', roll_back_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            main.main(tiny_args(tiny_imagefolder, ckdir, '--rollbacks', '3', epochs=3))
+    ckpt = load_state(ckdir / 'checkpoint.pth')
+    assert (ckpt['epoch'], ckpt['step_in_epoch'], ckpt['lr_scale'], ckpt['rollbacks_done']) == \
+        (1, 0, 0.5, 1)
+
+
+def _agree_worker(rank, port, out):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'tcp://localhost:{port}', rank=rank,
+                            world_size=2)
+    try:
+        stop = preemption.StopRequests(2)
+        try:
+            results = [stop.agreed(due=rank == 1), stop.agreed(due=False)]
+        finally:
+            stop.close()
+    finally:
+        dist.destroy_process_group()
+    (out / f'rank{rank}').write_text(repr(results))
+
+
+def test_ranks_agree_on_a_checkpoint_that_one_of_them_finds_due(tmp_path):
+    # each rank's clock decides on its own; all must then checkpoint (and check) at one step
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_agree_worker, (port, tmp_path), nprocs=2)
+    for rank in (0, 1):
+        assert (tmp_path / f'rank{rank}').read_text() == repr([(0, True), (0, False)])
