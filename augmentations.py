@@ -298,8 +298,7 @@ def _to_device_at_once(host_tensors, device):
     if device.type == 'cuda':
         flat = flat.pin_memory()
     flat = flat.to(device, non_blocking=True)
-    return [part.view(t.shape).to(t.dtype) if t.dtype != torch.float64 else part.view(t.shape)
-            for part, t in zip(flat.split(sizes), host_tensors)]
+    return [part.view(t.shape).to(t.dtype) for part, t in zip(flat.split(sizes), host_tensors)]
 
 
 class BatchAugment(nn.Module):

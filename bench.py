@@ -96,13 +96,13 @@ def step_images_per_second(args, setting, device):
     else:
         y1 = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
         y2 = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
-    steps_done = [0]
+    steps_done = 0
 
     def step():
-        nonlocal y1, y2
+        nonlocal y1, y2, steps_done
         if run_args.fast_augment:
-            y1, y2 = pretrain.views_to_device(run, *crops, steps_done[0])
-        steps_done[0] += 1
+            y1, y2 = pretrain.views_to_device(run, *crops, steps_done)
+        steps_done += 1
         optimizer.zero_grad()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = model.forward(y1, y2)

@@ -53,7 +53,7 @@ def world_info():
     return rank, world_size
 
 
-def _free_port():
+def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(('localhost', 0))
         return s.getsockname()[1]
@@ -154,7 +154,7 @@ def launch(fn, fn_args=(), device='auto'):
     ngpus = torch.cuda.device_count() if device_type == 'cuda' else 0
     plan = plan_launch(os.environ, device_type, ngpus)
     if plan.init_method and '{free_port}' in plan.init_method:
-        plan = dataclasses.replace(plan, init_method=plan.init_method.format(free_port=_free_port()))
+        plan = dataclasses.replace(plan, init_method=plan.init_method.format(free_port=free_port()))
     if plan.nprocs == 1:
         return _run_in_this_process(0, fn, fn_args, plan)
     context = mp.spawn(_run_in_this_process, (fn, fn_args, plan), nprocs=plan.nprocs, join=False)

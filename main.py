@@ -320,7 +320,7 @@ def train(info, args):
                 try:
                     train_epochs(run, start_epoch, start_step)
                     break
-                except NonFiniteLoss as e:
+                except Diverged as e:
                     start_epoch, start_step = roll_back(run, e)
         finally:
             run.stop.close()
@@ -455,7 +455,7 @@ def log_step(run, epoch, step, loss, bad_step):
     return stats['loss']
 
 
-class NonFiniteLoss(InputError):
+class Diverged(InputError):
     """The loss was NaN or infinite at `step`, or the weights were after it (the same step on
     every rank: the loss is global, the weights are the same everywhere)."""
 
@@ -470,7 +470,7 @@ class NonFiniteLoss(InputError):
 def stop_if_non_finite(bad_step, args):
     step = int(bad_step.item())
     if step >= 0:
-        raise NonFiniteLoss(step, args)
+        raise Diverged(step, args)
 
 
 def stop_if_weights_non_finite(run, step):
@@ -479,7 +479,7 @@ def stop_if_weights_non_finite(run, step):
     state += [t for s in run.optimizer.state.values() for t in s.values()
               if torch.is_tensor(t) and t.is_floating_point()]
     if state and not bool(torch.stack([torch.isfinite(t).all() for t in state]).all()):
-        raise NonFiniteLoss(step, run.args, what='weights after')
+        raise Diverged(step, run.args, what='weights after')
 
 
 def roll_back(run, error):
@@ -494,10 +494,11 @@ def roll_back(run, error):
         raise error
     if info.world_size > 1:
         dist.barrier(group=run.stop.group)  # every rank is here: no checkpoint write under way
-    scale, done = args.lr_scale, args.rollbacks_done
+    # resume() also restores lr_scale and rollbacks_done: the checkpoint holds the current ones,
+    # as every rollback rewrites it below before training goes on
     epoch, step = resume(args, run.model, run.optimizer, run.scaler, run.probe)
-    args.lr_scale = min(scale, args.lr_scale) * args.rollback_lr_factor
-    args.rollbacks_done = done + 1
+    args.lr_scale *= args.rollback_lr_factor
+    args.rollbacks_done += 1
     if run.probe is not None:
         run.probe.counts.zero_()  # the abandoned steps' accuracy
     if info.is_main:  # the same weights, with the new scale and count: a crash keeps them

@@ -7,7 +7,6 @@ single process (plain BatchNorm, no process group) on the whole global batch.
 """
 import argparse
 import os
-import socket
 import time
 import traceback
 
@@ -141,15 +140,9 @@ def rank_entry(rank, port, setup_path, out_dir):
         raise
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('localhost', 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(setup_path, out_dir, timeout=120):
     ctx = mp.get_context('spawn')
-    port = free_port()
+    port = distributed.free_port()
     procs = [ctx.Process(target=rank_entry, args=(r, port, str(setup_path), str(out_dir)))
              for r in range(WORLD)]
     for p in procs:

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import types
@@ -438,9 +437,7 @@ def test_validation_on_all_ranks_counts_every_image_once(tmp_path):
                                                                           batch_size=3), 'cpu')
     assert single == pytest.approx((300 / 7, 600 / 7))
 
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        port = s.getsockname()[1]
+    port = distributed.free_port()
     mp.spawn(_sharded_worker, (port, tmp_path), nprocs=2)
     for rank in range(2):
         acc, knn, order = json.loads((tmp_path / f'rank{rank}.json').read_text())

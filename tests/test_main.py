@@ -1,7 +1,6 @@
 """End-to-end runs of main.py on a tiny generated ImageFolder (CPU, deterministic)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -309,9 +308,7 @@ def _two_process_worker(rank, port, argv):
 
 
 def test_two_cpu_processes_train(tiny_imagefolder, tmp_path):
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        port = s.getsockname()[1]
+    port = distributed.free_port()
     ckdir = tmp_path / 'ck'
     mp.spawn(_two_process_worker, (port, tiny_args(tiny_imagefolder, ckdir, '--exact-gradient')),
              nprocs=2)
@@ -353,9 +350,7 @@ def test_fast_with_compile_trains_like_without_on_one_and_two_processes(tiny_ima
     assert a.keys() == b.keys()
     # two processes: compiled modules inside DistributedDataParallel, global BatchNorm's
     # collectives traced by the compiler
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        port = s.getsockname()[1]
+    port = distributed.free_port()
     mp.spawn(_two_process_worker,
              (port, tiny_args(tiny_imagefolder, tmp_path / 'two', '--fast', epochs=1)), nprocs=2)
     _, two = read_stats(tmp_path / 'two')

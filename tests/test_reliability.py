@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import distributed
 import main
 import preemption
 from conftest import ROOT
@@ -240,12 +241,9 @@ def test_rollback_flags_refuse_bad_values(tiny_imagefolder, tmp_path, capsys, fl
 
 
 def test_two_processes_roll_back_together(tiny_imagefolder, tmp_path):
-    import socket
     import torch.multiprocessing as mp
     from test_main import _two_process_worker
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        port = s.getsockname()[1]
+    port = distributed.free_port()
     ckdir = tmp_path / 'ck'
     # absurd rates diverge within a few steps; one rollback brings them to 0.2 x the schedule
     argv = tiny_args(tiny_imagefolder, ckdir, '--learning-rate-weights', '2e30',
@@ -343,11 +341,8 @@ def _agree_worker(rank, port, out):
 
 def test_ranks_agree_on_a_checkpoint_that_one_of_them_finds_due(tmp_path):
     # each rank's clock decides on its own; all must then checkpoint (and check) at one step
-    import socket
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        port = s.getsockname()[1]
+    port = distributed.free_port()
     mp.spawn(_agree_worker, (port, tmp_path), nprocs=2)
     for rank in (0, 1):
         assert (tmp_path / f'rank{rank}').read_text() == repr([(0, True), (0, False)])
