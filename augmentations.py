@@ -1,4 +1,5 @@
 """The fast augmentation path: the reference's two views, split between workers and the device.
+(The reference's own `Transform` is in main.py; the evaluation transforms are at the end.)
 
 The reference (`main.Transform`) runs everything in PIL inside the DataLoader workers. Here the
 workers only decode and crop, to uint8; the colour work runs batched on the training device:
@@ -29,7 +30,6 @@ a JPEG decoded at reduced size is shrunk by libjpeg's DCT scaling first, its cro
 to whole reduced pixels.
 """
 import io
-import time
 
 import numpy as np
 from PIL import Image
@@ -39,9 +39,10 @@ import torchvision
 import torchvision.transforms as transforms
 from torch import nn
 
-from data import DECODE_ERRORS, InputError
+from cli import InputError
+from data import DECODE_ERRORS
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # as main.py's
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(threshold=128): x >= 128 -> 255 - x
 SIGMA_RANGE = (0.1, 2.0)  # the reference's GaussianBlur: sigma = random.random() * 1.9 + 0.1
 BLUR_PASSES, BOX_RADIUS = 3, 2  # PIL's box passes per axis, and their reach for sigma <= 2
@@ -448,43 +449,22 @@ def _decode_one(data, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing
+# Evaluation transforms (evaluate.py, the kNN monitor), as the reference's evaluate.py
 # ---------------------------------------------------------------------------------------------
 
-def time_pipelines(paths, n=200, crop_size=224, batch_size=64):
-    """Images per CPU second in one process with one thread (a DataLoader worker's setting):
+def train_transform(crop_size=224):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(crop_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ])
 
-    reference        data.load_rgb + main.Transform (the PIL pipeline, both views)
-    fast_worker      open_for_crop + CropTransform (all the fast path leaves to the workers)
-    fast_device_cpu  FastTwoViews on the CPU, batches of `batch_size` (the device half, when
-                     the device is the CPU; on a GPU it is no worker's cost)
 
-    The two worker pipelines alternate image by image, so a change in the machine's load
-    touches both alike; CPU time (time.process_time) leaves out time spent waiting.
-    """
-    import data
-    import main  # imported here, not at the top: main.py may import this module
-    paths = [paths[k % len(paths)] for k in range(n)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    try:
-        reference, fast = main.Transform(crop_size), CropTransform(crop_size)
-        reference_s = fast_s = 0.0
-        crops = []
-        for path in paths:
-            start = time.process_time()
-            reference(data.load_rgb(path))
-            middle = time.process_time()
-            crops.append(fast(open_for_crop(path)))
-            reference_s += middle - start
-            fast_s += time.process_time() - middle
-        augment = FastTwoViews()
-        start = time.process_time()
-        for k in range(0, n, batch_size):
-            batch = crops[k:k + batch_size]
-            augment(torch.stack([c[0] for c in batch]), torch.stack([c[1] for c in batch]))
-        device_s = time.process_time() - start
-    finally:
-        torch.set_num_threads(threads)
-    return dict(reference=n / reference_s, fast_worker=n / fast_s, fast_device_cpu=n / device_s)
+def val_transform(crop_size=224):
+    return transforms.Compose([
+        transforms.Resize(round(crop_size * 256 / 224)),  # 256 for 224
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ])

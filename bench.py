@@ -18,15 +18,22 @@ import platform
 import resource
 import shutil
 import sys
+import tempfile
 import time
 import types
+from pathlib import Path
 
+import numpy as np
+from PIL import Image
 import torch
 import torchvision
 
 import augmentations
 import distributed
 import main as pretrain
+import pack
+from backbones import ARCHS
+from data import image_folder, load_rgb
 
 SETTINGS = {
     'reference': dict(precision=None, channels_last=False, compile=False, lars_foreach=False,
@@ -44,7 +51,7 @@ SETTINGS = {
 def get_arguments():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], prog='bench.py')
     parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
-    parser.add_argument('--arch', default='resnet50', choices=pretrain.ARCHS)
+    parser.add_argument('--arch', default='resnet50', choices=ARCHS)
     parser.add_argument('--projector', default='8192-8192-8192')
     parser.add_argument('--batch-size', type=int, default=None,
                         help='per device (default 256 on GPU, 16 on CPU)')
@@ -147,8 +154,6 @@ def describe(device):
 def generate_jpegs(root, count=200, size=(500, 375), seed=0):
     """`count` photo-like JPEGs (smooth colour fields plus sensor-like noise, quality 90) in the
     ImageFolder layout root/train/<class>/, about the size of ImageNet's typical 500x375."""
-    import numpy as np
-    from PIL import Image
     rng = np.random.default_rng(seed)
     for i in range(count):
         folder = root / 'train' / f'class_{i % 4}'
@@ -163,26 +168,57 @@ def generate_jpegs(root, count=200, size=(500, 375), seed=0):
 def cpu_seconds_per_image(datasets, passes=1):
     """CPU seconds per sample of each dataset's __getitem__ (decode + augment), in one thread,
     the datasets alternating sample by sample so that load changes touch them alike."""
-    import time as clock
     totals = [0.0] * len(datasets)
     count = len(datasets[0])
     for _ in range(passes):
         for index in range(count):
             for k, dataset in enumerate(datasets):
-                start = clock.process_time()
+                start = time.process_time()
                 dataset[index]
-                totals[k] += clock.process_time() - start
+                totals[k] += time.process_time() - start
     return [t / (count * passes) for t in totals]
+
+
+def time_pipelines(paths, n=200, crop_size=224, batch_size=64):
+    """Images per CPU second in one process with one thread (a DataLoader worker's setting):
+
+    reference        data.load_rgb + main.Transform (the PIL pipeline, both views)
+    fast_worker      open_for_crop + CropTransform (all the fast path leaves to the workers)
+    fast_device_cpu  FastTwoViews on the CPU, batches of `batch_size` (the device half, when
+                     the device is the CPU; on a GPU it is no worker's cost)
+
+    The two worker pipelines alternate image by image, so a change in the machine's load
+    touches both alike; CPU time (time.process_time) leaves out time spent waiting.
+    """
+    paths = [paths[k % len(paths)] for k in range(n)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    try:
+        reference, fast = pretrain.Transform(crop_size), augmentations.CropTransform(crop_size)
+        reference_s = fast_s = 0.0
+        crops = []
+        for path in paths:
+            start = time.process_time()
+            reference(load_rgb(path))
+            middle = time.process_time()
+            crops.append(fast(augmentations.open_for_crop(path)))
+            reference_s += middle - start
+            fast_s += time.process_time() - middle
+        augment = augmentations.FastTwoViews()
+        start = time.process_time()
+        for k in range(0, n, batch_size):
+            batch = crops[k:k + batch_size]
+            augment(torch.stack([c[0] for c in batch]), torch.stack([c[1] for c in batch]))
+        device_s = time.process_time() - start
+    finally:
+        torch.set_num_threads(threads)
+    return dict(reference=n / reference_s, fast_worker=n / fast_s, fast_device_cpu=n / device_s)
 
 
 def bench_data(images, crop_size):
     """Input pipeline images/s per worker process: reference PIL pipeline vs the fast path's
     worker half, from JPEG files and from a pack.py file of the same images."""
-    import tempfile
-    from pathlib import Path
-
-    import pack
-    from data import image_folder
     work = Path(tempfile.mkdtemp(prefix='bench-data-'))
     root = Path(images) if images else generate_jpegs(work / 'images')
     packed = work / 'images.h5'

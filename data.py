@@ -1,5 +1,5 @@
 """Datasets on disk: the ImageFolder layout, packed HDF5 files (pack.py), checked image loading,
-and the built-in demo dataset.
+and the built-in demo dataset; which samples each rank sees (samplers) and their seeds.
 
 Everything here turns bad input into an `InputError` whose message is one line naming the path.
 """
@@ -22,21 +22,7 @@ import torch.multiprocessing as mp
 import torch.utils.data.distributed
 import torchvision
 
-
-class InputError(Exception):
-    """Bad input from the user (a path, a file, a flag): reported as one line, non-zero exit.
-
-    A DataLoader worker's exception is re-raised in the main process as
-    `InputError("Caught InputError in DataLoader worker ...\\n<traceback>\\nInputError: msg")`;
-    the constructor keeps only the original message so the user still sees one line.
-    """
-
-    def __init__(self, message):
-        marker = f'{type(self).__name__}: '
-        if '\n' in message and marker in message:
-            message = message.rsplit(marker, 1)[1].strip()
-        super().__init__(message)
-
+from cli import InputError
 
 DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)
 
@@ -367,3 +353,49 @@ class EpochSampler(torch.utils.data.distributed.DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.start
+
+
+def seed_everything(seed, epoch=None, rank=0):
+    # Reseeding at every epoch start makes each epoch's data order and augmentations a function
+    # of (seed, epoch, rank) alone, so a run resumed from an epoch checkpoint repeats exactly.
+    words = [seed & 0xFFFFFFFF] + ([] if epoch is None else [epoch, rank])
+    state = np.random.SeedSequence(words).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def align_classes(val_set, train_set):
+    """Give val the train set's label indices (ImageFolder numbers the classes it finds)."""
+    if val_set.classes == train_set.classes:
+        return
+    unknown = sorted(set(val_set.classes) - set(train_set.classes))
+    if unknown:
+        raise InputError(f'{val_set.root} has classes missing from the training set: '
+                         f'{", ".join(unknown[:5])}' + (' ...' if len(unknown) > 5 else ''))
+    samples = [(p, train_set.class_to_idx[val_set.classes[t]]) for p, t in val_set.samples]
+    val_set.samples = val_set.imgs = samples
+    val_set.targets = [t for _, t in samples]
+    val_set.classes, val_set.class_to_idx = train_set.classes, train_set.class_to_idx
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices rank, rank + W, rank + 2W, ...: each sample on exactly one rank, no padding
+    (DistributedSampler pads to equal shards, which would count some images twice)."""
+
+    def __init__(self, length, rank=0, world_size=1):
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self):
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def make_eval_loader(dataset, batch_size, workers, info):
+    """A loader over this rank's ShardSampler shard, for validate() and the kNN features."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers,
+        pin_memory=info.device.type == 'cuda',
+        sampler=ShardSampler(len(dataset), info.rank, info.world_size))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from data import InputError
+from cli import InputError
 
 
 @dataclasses.dataclass(frozen=True)

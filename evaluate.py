@@ -19,7 +19,6 @@ main.py or from the original code (`module.backbone.*` keys). Writes stats.txt a
 (resumed automatically) to --checkpoint-dir, whose default depends on the mode (see --help).
 """
 import argparse
-import math
 import os
 import re
 import sys
@@ -30,21 +29,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torchvision
-import torchvision.transforms as transforms
 from torch import nn, optim
 
 import distributed
-import main as pretrain  # main.py; `main` below is this script's entry point
-from data import InputError, image_folder
+from augmentations import train_transform, val_transform
+from backbones import ARCHS, build_backbone, load_backbone_state
+from checkpoints import checkpoint_args, load_checkpoint_file, match_state_dict, save_atomic
+from cli import ArgumentParser, InputError, non_negative_int, positive_int, positive_ints
+from data import align_classes, image_folder, make_eval_loader, seed_everything
+from knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
 from monitor import StatsLog
 
 SUBSET_URL = ('https://raw.githubusercontent.com/google-research/simclr/master/imagenet_subsets/'
               '{percent}percent.txt')
 SUBSET_LINE = re.compile(r'[^\s/_]+_[^\s/]+')  # n01440764_10026.JPEG: <class>_<rest>
-KNN_KS = (20, 200)
-KNN_TEMPERATURE = 0.07
 
 
 def default_checkpoint_dir(weights, train_percent, knn=False):
@@ -60,17 +59,8 @@ def default_subset_cache_dir():
     return Path(torch.hub.get_dir()) / 'simclr_imagenet_subsets'
 
 
-def positive_ints(text):
-    try:
-        values = tuple(pretrain.positive_int(v) for v in text.split(','))
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f'expected positive integers joined by commas, '
-                                         f'e.g. 20,200, got {text}') from None
-    return values
-
-
 def get_arguments():
-    parser = pretrain.ArgumentParser(description='Evaluate resnet features on ImageNet',
+    parser = ArgumentParser(description='Evaluate resnet features on ImageNet',
                                  prog='evaluate.py')
     parser.add_argument('data', type=Path, metavar='DIR',
                         help='path to dataset (ImageFolder layout: DIR/train and DIR/val)')
@@ -83,11 +73,11 @@ def get_arguments():
     parser.add_argument('--train-percent', '--train-perc', default=100, type=int,
                         choices=(100, 10, 1),
                         help='size of training set in percent (1 and 10: the SimCLR subsets)')
-    parser.add_argument('--workers', default=8, type=pretrain.non_negative_int, metavar='N',
+    parser.add_argument('--workers', default=8, type=non_negative_int, metavar='N',
                         help='number of data loader workers per process')
-    parser.add_argument('--epochs', default=100, type=pretrain.positive_int, metavar='N',
+    parser.add_argument('--epochs', default=100, type=positive_int, metavar='N',
                         help='number of total epochs to run')
-    parser.add_argument('--batch-size', default=256, type=pretrain.positive_int, metavar='N',
+    parser.add_argument('--batch-size', default=256, type=positive_int, metavar='N',
                         help='global mini-batch size, divided over the processes (training and '
                              'validation)')
     parser.add_argument('--lr-backbone', default=0.0, type=float, metavar='LR',
@@ -96,7 +86,7 @@ def get_arguments():
                         help='classifier base learning rate')
     parser.add_argument('--weight-decay', default=1e-6, type=float, metavar='W',
                         help='weight decay')
-    parser.add_argument('--print-freq', default=100, type=pretrain.positive_int, metavar='N',
+    parser.add_argument('--print-freq', default=100, type=positive_int, metavar='N',
                         help='print frequency (steps)')
     parser.add_argument('--checkpoint-dir', default=None, type=Path, metavar='DIR',
                         help='path to checkpoint directory (default: ./checkpoint/lincls/ for '
@@ -105,11 +95,11 @@ def get_arguments():
                              './checkpoint/semisup_{1,10}pct/ for finetune on a subset, '
                              './checkpoint/knn/ with --knn)')
     # Beyond the reference.
-    parser.add_argument('--arch', default='resnet50', choices=pretrain.ARCHS,
+    parser.add_argument('--arch', default='resnet50', choices=ARCHS,
                         help='torchvision backbone, as given to main.py')
     parser.add_argument('--cifar-stem', action='store_true',
                         help='3x3 stride-1 first convolution and no max-pool, as given to main.py')
-    parser.add_argument('--crop-size', default=224, type=pretrain.positive_int, metavar='PX',
+    parser.add_argument('--crop-size', default=224, type=positive_int, metavar='PX',
                         help='training crop side; validation resizes to crop*256/224 and '
                              'center-crops to it')
     parser.add_argument('--train-files', default=None, type=Path, metavar='FILE',
@@ -187,7 +177,7 @@ def linear_eval(info, args):
         raise InputError(f'--batch-size {args.batch_size} is not divisible by the world size '
                          f'{info.world_size}')
     stats_log = open_stats_log(args, info)
-    pretrain.seed_everything(args.seed)
+    seed_everything(args.seed)
     pretrained = load_backbone_state(args.pretrained, args.arch, args.cifar_stem)
     train_set, val_set = build_datasets(args, train_transform(args.crop_size))
     model, optimizer, scheduler = build_model(args, info, pretrained, len(train_set.classes))
@@ -198,7 +188,7 @@ def linear_eval(info, args):
 
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
-        pretrain.seed_everything(args.seed, epoch, info.rank)
+        seed_everything(args.seed, epoch, info.rank)
         train_loader.sampler.set_epoch(epoch)
         train_one_epoch(model, train_loader, optimizer, args, info, epoch, stats_log,
                         start_time)
@@ -214,8 +204,8 @@ def linear_eval(info, args):
         if info.is_main:
             state = dict(epoch=epoch + 1, best_acc=best_acc, model=model.state_dict(),
                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         args=pretrain.checkpoint_args(args))
-            pretrain.save_atomic(state, args.checkpoint_dir / 'checkpoint.pth')
+                         args=checkpoint_args(args))
+            save_atomic(state, args.checkpoint_dir / 'checkpoint.pth')
     stats_log.close()
 
 
@@ -286,7 +276,7 @@ def print_provenance(args, info, train_size, val_size):
 def build_model(args, info, pretrained, num_classes):
     """The backbone with its loaded weights and a new linear head as `fc` (torchvision layout);
     SGD over the head (and the backbone with finetune), cosine annealing over the epochs."""
-    net, feature_dim = pretrain.build_backbone(args.arch, args.cifar_stem)
+    net, feature_dim = build_backbone(args.arch, args.cifar_stem)
     net.load_state_dict(pretrained)
     net.fc = nn.Linear(feature_dim, num_classes)
     net.fc.weight.data.normal_(mean=0.0, std=0.01)
@@ -322,7 +312,7 @@ def resume(args, model, optimizer, scheduler, pretrained):
     path = args.checkpoint_dir / 'checkpoint.pth'
     if not path.is_file():
         return 0, dict(top1=0.0, top5=0.0)
-    ckpt = pretrain.load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path)
     needed = {'epoch', 'best_acc', 'model', 'optimizer', 'scheduler'}
     if not isinstance(ckpt, dict) or not needed <= set(ckpt):
         raise InputError(f'{path} is not an evaluate.py checkpoint (expected '
@@ -332,7 +322,7 @@ def resume(args, model, optimizer, scheduler, pretrained):
         if key in saved and saved[key] != getattr(args, key):
             raise InputError(f'{path} was written with --{key.replace("_", "-")} {saved[key]}, '
                              f'this run has {getattr(args, key)}; use another --checkpoint-dir')
-    model.load_state_dict(pretrain.match_state_dict(ckpt['model'], model, str(path)))
+    model.load_state_dict(match_state_dict(ckpt['model'], model, str(path)))
     if len(ckpt['optimizer'].get('param_groups', [])) != len(optimizer.param_groups):
         raise InputError(f'{path} holds a {"freeze" if args.weights == "finetune" else "finetune"}'
                          f' run, this one is --weights {args.weights}; use another '
@@ -351,69 +341,8 @@ def resume(args, model, optimizer, scheduler, pretrained):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretrained files
+# Data: datasets, subsets, loaders
 # ---------------------------------------------------------------------------------------------
-
-def read_pretrained(path):
-    """(candidate backbone state dict without fc.*, the saved main.py args or {}) from any
-    accepted format: a backbone or torchvision-style state dict, or a full checkpoint whose
-    'model' holds `[module.]backbone.*` keys (main.py, the original) or a torchvision layout
-    (an evaluate.py checkpoint)."""
-    obj = pretrain.load_checkpoint_file(path)
-    if not isinstance(obj, dict):
-        raise InputError(f'{path} holds a {type(obj).__name__}, not a state dict or checkpoint')
-    saved = obj.get('args') if isinstance(obj.get('args'), dict) else {}
-    state = obj['model'] if isinstance(obj.get('model'), dict) else obj
-    state = pretrain.strip_module_prefix(state)
-    backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
-    state = backbone or state
-    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise InputError(f'{path} is neither a state dict nor a checkpoint with "model": '
-                         f'non-tensor entries {", ".join(map(str, not_tensors[:5]))}')
-    return {k: v for k, v in state.items() if not k.startswith('fc.')}, saved
-
-
-def load_backbone_state(path, arch='resnet50', cifar_stem=False):
-    """The state dict for main.build_backbone(arch, cifar_stem), checked strictly: besides
-    the ignored classifier (fc.*), any missing, unexpected or reshaped key is an InputError
-    naming the keys."""
-    state, saved = read_pretrained(path)
-    return check_backbone_state(state, saved, path, arch, cifar_stem)
-
-
-def check_backbone_state(state, saved, path, arch, cifar_stem):
-    """load_backbone_state's check, on read_pretrained's result."""
-    if saved.get('arch', arch) != arch or bool(saved.get('cifar_stem', cifar_stem)) != cifar_stem:
-        flags = f'--arch {saved.get("arch", arch)}' + (' --cifar-stem' if saved.get(
-            'cifar_stem', cifar_stem) else '')
-        raise InputError(f'{path} was pretrained with {flags}; pass the same flags')
-    net, _ = pretrain.build_backbone(arch, cifar_stem)
-    what = f'{path} (for --arch {arch}{" --cifar-stem" if cifar_stem else ""})'
-    return pretrain.match_state_dict(state, net, what)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: transforms, subsets, sharded evaluation loaders
-# ---------------------------------------------------------------------------------------------
-
-def train_transform(crop_size=224):
-    return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=pretrain.IMAGENET_MEAN, std=pretrain.IMAGENET_STD),
-    ])
-
-
-def val_transform(crop_size=224):
-    return transforms.Compose([
-        transforms.Resize(round(crop_size * 256 / 224)),  # 256 for 224
-        transforms.CenterCrop(crop_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=pretrain.IMAGENET_MEAN, std=pretrain.IMAGENET_STD),
-    ])
-
 
 def build_datasets(args, transform):
     """DIR/train (or its subset) with `transform`, DIR/val with the validation transform."""
@@ -423,20 +352,6 @@ def build_datasets(args, transform):
     if args.train_percent != 100:
         select_subset(train_set, read_subset_list(args.train_files), args.train_files)
     return train_set, val_set
-
-
-def align_classes(val_set, train_set):
-    """Give val the train set's label indices (ImageFolder numbers the classes it finds)."""
-    if val_set.classes == train_set.classes:
-        return
-    unknown = sorted(set(val_set.classes) - set(train_set.classes))
-    if unknown:
-        raise InputError(f'{val_set.root} has classes missing from the training set: '
-                         f'{", ".join(unknown[:5])}' + (' ...' if len(unknown) > 5 else ''))
-    samples = [(p, train_set.class_to_idx[val_set.classes[t]]) for p, t in val_set.samples]
-    val_set.samples = val_set.imgs = samples
-    val_set.targets = [t for _, t in samples]
-    val_set.classes, val_set.class_to_idx = train_set.classes, train_set.class_to_idx
 
 
 def subset_list_file(percent, train_files=None, cache_dir=None):
@@ -500,28 +415,6 @@ def select_subset(dataset, names, list_path):
     dataset.targets = [t for _, t in samples]
 
 
-class ShardSampler(torch.utils.data.Sampler):
-    """Indices rank, rank + W, rank + 2W, ...: each sample on exactly one rank, no padding
-    (DistributedSampler pads to equal shards, which would count some images twice)."""
-
-    def __init__(self, length, rank=0, world_size=1):
-        self.length, self.rank, self.world_size = length, rank, world_size
-
-    def __iter__(self):
-        return iter(range(self.rank, self.length, self.world_size))
-
-    def __len__(self):
-        return len(range(self.rank, self.length, self.world_size))
-
-
-def make_eval_loader(dataset, batch_size, workers, info):
-    """A loader over this rank's ShardSampler shard, for validate() and the kNN features."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers,
-        pin_memory=info.device.type == 'cuda',
-        sampler=ShardSampler(len(dataset), info.rank, info.world_size))
-
-
 def build_loaders(args, info, train_set, val_set):
     per_rank = args.batch_size // info.world_size
     sampler = torch.utils.data.distributed.DistributedSampler(
@@ -533,93 +426,13 @@ def build_loaders(args, info, train_set, val_set):
 
 
 # ---------------------------------------------------------------------------------------------
-# Weighted k-nearest neighbours on frozen features
+# Weighted k-nearest neighbours on frozen features (knn.py)
 # ---------------------------------------------------------------------------------------------
-
-def knn_predict(features, bank, bank_labels, num_classes, k=20, t=KNN_TEMPERATURE,
-                chunk_size=256):
-    """Class predictions (Q,) of the weighted kNN classifier (Wu et al. 2018, as DINO reports).
-
-    features (Q, D) and bank (N, D): similarity is the cosine (rows are L2-normalised here when
-    they are not already); the k most similar bank rows (k capped at N) vote for their label
-    with weight exp(similarity / t); the prediction is the class with the largest total.
-    Memory: chunk_size x N similarities at a time (256 x 1.28M floats = 1.3 GB for ImageNet).
-    """
-    k = min(k, bank.shape[0])
-    if not ((bank.norm(dim=1) - 1).abs() <= 1e-3).all():
-        bank = F.normalize(bank, dim=1)
-    predictions = [torch.empty(0, dtype=torch.long, device=features.device)]
-    for chunk in features.split(chunk_size):
-        similarity = F.normalize(chunk, dim=1) @ bank.T  # (q, D) @ (D, N) -> (q, N)
-        top_similarity, top_index = similarity.topk(k, dim=1)  # (q, k)
-        weights = (top_similarity / t).exp()
-        scores = torch.zeros(len(chunk), num_classes, dtype=weights.dtype, device=weights.device)
-        scores.scatter_add_(1, bank_labels[top_index], weights)  # (q, num_classes)
-        predictions.append(scores.argmax(dim=1))
-    return torch.cat(predictions)
-
-
-@torch.no_grad()
-def extract_features(backbone, loader, device, gather=False):
-    """L2-normalised features and labels of this rank's shard, in eval mode; with gather=True,
-    of the whole dataset on every rank (the loader must use a ShardSampler then)."""
-    backbone.eval()
-    features, labels = [], []
-    for images, target in loader:
-        features.append(F.normalize(backbone(images.to(device, non_blocking=True)).float(), dim=1))
-        labels.append(target.to(device, non_blocking=True))
-    if not features:  # fewer images than processes
-        if gather:
-            raise InputError(f'{len(loader.dataset)} images are too few for '
-                             f'{distributed.world_info()[1]} processes')
-        return torch.empty(0, 0, device=device), torch.empty(0, dtype=torch.long, device=device)
-    features, labels = torch.cat(features), torch.cat(labels)
-    if gather:
-        features = gather_shards(features, loader)
-        labels = gather_shards(labels, loader)
-    return features, labels
-
-
-def gather_shards(x, loader):
-    """Reassemble per-rank ShardSampler shards (rank r holds rows r, r + W, ...) in order."""
-    _, world_size = distributed.world_info()
-    if world_size == 1:
-        return x
-    if not isinstance(loader.sampler, ShardSampler):
-        raise ValueError('extract_features(gather=True) needs a loader with a ShardSampler')
-    n = loader.sampler.length
-    padded = x.new_zeros((math.ceil(n / world_size),) + x.shape[1:])
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
-    out = x.new_empty((n,) + x.shape[1:])
-    for rank, part in enumerate(parts):
-        out[rank::world_size] = part[:len(range(rank, n, world_size))]
-    return out
-
-
-def knn_evaluate(backbone, bank_loader, query_loader, device, num_classes=None, ks=KNN_KS,
-                 t=KNN_TEMPERATURE):
-    """{k: top-1 in percent} of the weighted kNN classifier: the bank is bank_loader's whole
-    dataset (gathered from all ranks), each rank scores its query shard, counts are summed.
-    Under a process group both loaders must use ShardSampler (see make_eval_loader)."""
-    bank, bank_labels = extract_features(backbone, bank_loader, device, gather=True)
-    queries, labels = extract_features(backbone, query_loader, device)
-    if num_classes is None:
-        num_classes = int(bank_labels.max()) + 1
-    counts = torch.tensor([int((knn_predict(queries, bank, bank_labels, num_classes, k, t)
-                                == labels).sum()) for k in ks] + [len(labels)], device=device)
-    _, world_size = distributed.world_info()
-    if world_size > 1:
-        dist.all_reduce(counts)
-    counts = counts.tolist()
-    return {k: 100.0 * c / max(counts[-1], 1) for k, c in zip(ks, counts[:-1])}
-
 
 def knn_main(info, args):
     stats_log = open_stats_log(args, info)
     pretrained = load_backbone_state(args.pretrained, args.arch, args.cifar_stem)
-    backbone, _ = pretrain.build_backbone(args.arch, args.cifar_stem)
+    backbone, _ = build_backbone(args.arch, args.cifar_stem)
     backbone.load_state_dict(pretrained)
     backbone.to(info.device)
     bank_set, val_set = build_datasets(args, val_transform(args.crop_size))

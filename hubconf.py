@@ -48,11 +48,11 @@ def resnet50(pretrained=True, progress=True, weights=None, **kwargs):
     source = weights if weights is not None else (RELEASED_URL if pretrained else None)
     if source is None:
         return model
-    evaluate = _repo_module('evaluate')
-    state = evaluate.load_backbone_state(_local_file(source, progress), 'resnet50', False)
+    backbones = _repo_module('backbones')
+    state = backbones.load_backbone_state(_local_file(source, progress), 'resnet50', False)
     result = model.load_state_dict(state, strict=False)
     if sorted(result.missing_keys) != ['fc.bias', 'fc.weight'] or result.unexpected_keys:
-        raise _repo_module('data').InputError(
+        raise _repo_module('cli').InputError(
             f'{source}: expected exactly fc.weight and fc.bias to stay untrained; missing '
             f'{result.missing_keys}, unexpected {result.unexpected_keys}')
     return model
@@ -65,13 +65,13 @@ def backbone(weights, arch=None, cifar_stem=None, progress=True):
     arch / cifar_stem default to the values saved in a main.py checkpoint, else resnet50 with
     the ImageNet stem.
     """
-    evaluate, main = _repo_module('evaluate'), _repo_module('main')
+    backbones = _repo_module('backbones')
     path = _local_file(weights, progress)
-    state, saved = evaluate.read_pretrained(path)
+    state, saved = backbones.read_pretrained(path)
     arch = arch or saved.get('arch', 'resnet50')
     cifar_stem = bool(saved.get('cifar_stem', False) if cifar_stem is None else cifar_stem)
-    net, _ = main.build_backbone(arch, cifar_stem)
-    net.load_state_dict(evaluate.check_backbone_state(state, saved, path, arch, cifar_stem))
+    net, _ = backbones.build_backbone(arch, cifar_stem)
+    net.load_state_dict(backbones.check_backbone_state(state, saved, path, arch, cifar_stem))
     return net
 
 
@@ -80,26 +80,27 @@ def barlowtwins(checkpoint, arch=None, cifar_stem=None, progress=True):
     of main.py or of the original code. Projector sizes come from the weights; arch, cifar_stem,
     lambd and scale_loss from the checkpoint's saved arguments when present (else resnet50,
     ImageNet stem, 0.0051, 1)."""
-    main = _repo_module('main')
+    main, checkpoints = _repo_module('main'), _repo_module('checkpoints')
+    backbones, cli = _repo_module('backbones'), _repo_module('cli')
     path = _local_file(checkpoint, progress)
-    ckpt = main.load_checkpoint_file(path)
+    ckpt = checkpoints.load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
-        raise main.InputError(f'{checkpoint} is not a full checkpoint.pth (no "model" entry); '
+        raise cli.InputError(f'{checkpoint} is not a full checkpoint.pth (no "model" entry); '
                               f'for a backbone file use the "backbone" entry')
-    state = main.strip_module_prefix(ckpt['model'])
+    state = checkpoints.strip_module_prefix(ckpt['model'])
     saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
     arch = arch or saved.get('arch', 'resnet50')
     cifar_stem = bool(saved.get('cifar_stem', False) if cifar_stem is None else cifar_stem)
     linear = sorted((int(k.split('.')[1]), v.shape[0]) for k, v in state.items()
                     if re.fullmatch(r'projector\.\d+\.weight', k) and v.ndim == 2)
     if not linear:
-        raise main.InputError(f'{checkpoint} has no projector weights (projector.<i>.weight)')
-    net, feature_dim = main.build_backbone(arch, cifar_stem)
+        raise cli.InputError(f'{checkpoint} has no projector weights (projector.<i>.weight)')
+    net, feature_dim = backbones.build_backbone(arch, cifar_stem)
     model = main.BarlowTwins(backbone=net, feature_dim=feature_dim,
                              projector='-'.join(str(size) for _, size in linear),
                              lambd=saved.get('lambd', 0.0051),
                              scale_loss=saved.get('scale_loss', 1.0))
-    model.load_state_dict(main.match_state_dict(state, model, str(checkpoint)))
+    model.load_state_dict(checkpoints.match_state_dict(state, model, str(checkpoint)))
     return model
 
 
@@ -122,7 +123,7 @@ def _local_file(source, progress=True):
     try:
         torch.hub.download_url_to_file(text, str(cached), None, progress=progress)
     except (OSError, ValueError) as e:
-        raise _repo_module('data').InputError(
+        raise _repo_module('cli').InputError(
             f'cannot download {text}: {getattr(e, "reason", None) or e}; offline, pass a local '
             f'file (weights=PATH) or place the file at {cached}') from None
     return cached

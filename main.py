@@ -14,15 +14,11 @@ the backbone's state dict (resnet50.pth by default).
 import argparse
 import dataclasses
 import math
-import os
-import pickle
 import random
 import sys
 import time
-import types
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 import torch
 import torch.distributed as dist
@@ -31,14 +27,17 @@ import torchvision.transforms as transforms
 from torch import nn, optim
 
 import distributed
-from augmentations import CropTransform, FastTwoViews, open_for_crop, step_generator
-from data import (EpochSampler, InputError, SeededSamples, image_folder, is_pack_path,
-                  make_demo_dataset)
+import knn
+from augmentations import (IMAGENET_MEAN, IMAGENET_STD, CropTransform, FastTwoViews,
+                           open_for_crop, step_generator)
+from backbones import ARCHS, build_backbone
+from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint_file,
+                         match_state_dict, remove_temporaries, save_atomic)
+from cli import (ArgumentParser, InputError, duration, non_negative_int, positive_int,
+                 unit_fraction)
+from data import EpochSampler, SeededSamples, image_folder, make_demo_dataset, seed_everything
 from monitor import OnlineProbe, Progress, StatsLog
-from preemption import RunLock, StopRequests, parse_duration
-
-ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
-         'wide_resnet101_2', 'resnext50_32x4d', 'resnext101_32x8d', 'resnext101_64x4d')
+from preemption import RunLock, StopRequests
 
 # What `--demo` changes: a CPU-sized run on the synthetic dataset. Explicit flags still win.
 # --drop-last: 400 images are not a multiple of 64, and the reference's mis-scaled last batch
@@ -47,43 +46,6 @@ DEMO_DEFAULTS = dict(arch='resnet18', cifar_stem=True, crop_size=32, projector='
                      batch_size=64, epochs=4, warmup_epochs=1, workers=2, print_freq=5,
                      drop_last=True, checkpoint_dir=Path('./checkpoint/demo/'))
 DEMO_DATA = Path('./demo_data')
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, not argparse's usage block: the flag and the problem.
-        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text}')
-    return value
-
-
-def unit_fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f'expected a number between 0 and 1, got {text!r}')
-    return value
-
-
-def duration(text):
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def get_arguments():
@@ -342,7 +304,7 @@ def build_run(info, args):
     start_epoch, start_step = resume(args, model, optimizer, scaler, probe)
     progress = Progress(len(loader), args.epochs, args.batch_size, info.is_main)
     run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress,
-              StopRequests(info.world_size), probe, build_knn_loaders(args, info),
+              StopRequests(info.world_size), probe, knn.build_monitor_loaders(args, info),
               FastTwoViews().to(info.device) if args.fast_augment else None)
     if info.is_main:
         print_provenance(run)
@@ -524,16 +486,6 @@ def gradient_factor(args, world_size):
     return 1.0
 
 
-def seed_everything(seed, epoch=None, rank=0):
-    # Reseeding at every epoch start makes each epoch's data order and augmentations a function
-    # of (seed, epoch, rank) alone, so a run resumed from an epoch checkpoint repeats exactly.
-    words = [seed & 0xFFFFFFFF] + ([] if epoch is None else [epoch, rank])
-    state = np.random.SeedSequence(words).generate_state(2)
-    random.seed(int(state[0]))
-    np.random.seed(int(state[1]))
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 def print_provenance(run):
     args, info = run.args, run.info
     per_device = args.batch_size // info.world_size
@@ -548,21 +500,6 @@ def print_provenance(run):
           f'{len(run.loader)} steps per epoch, {rates}, precision {run.precision}, '
           f'gradient scale x{gradient_factor(args, info.world_size):g} of the reference\'s, '
           f'online probe {"on" if run.probe is not None else "off"}', flush=True)
-
-
-def build_backbone(arch='resnet50', cifar_stem=False):
-    """A torchvision ResNet without its classifier, and its feature width."""
-    if arch not in ARCHS:
-        raise InputError(f'--arch {arch}: expected one of {", ".join(ARCHS)}')
-    net = getattr(torchvision.models, arch)(zero_init_residual=True)
-    if cifar_stem:
-        # Small images: keep the full resolution into the first stage (as CIFAR ResNets do).
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
-        nn.init.kaiming_normal_(net.conv1.weight, mode='fan_out', nonlinearity='relu')
-        net.maxpool = nn.Identity()
-    feature_dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, feature_dim
 
 
 def build_model_and_optimizer(args, info):
@@ -603,34 +540,7 @@ def build_loader(args, info):
         pin_memory=info.device.type == 'cuda', sampler=sampler, drop_last=args.drop_last)
 
 
-def build_knn_loaders(args, info):
-    """(bank, query) loaders for the kNN monitor, sharded over the ranks without padding."""
-    if not args.knn_every:
-        return None
-    import evaluate  # evaluate.py imports this module: import it only when asked for
-    transform = evaluate.val_transform(args.crop_size)
-    bank = image_folder(args.data, transform)
-    queries = None
-    if is_pack_path(args.data):
-        try:
-            queries = image_folder(args.data, transform, 'val')
-        except InputError:
-            pass  # a pack without a val split
-    elif (Path(args.data) / 'val').is_dir():  # a broken val folder is an error, not a fallback
-        queries = image_folder(args.data, transform, 'val')
-    if queries is not None:
-        evaluate.align_classes(queries, bank)
-    else:  # hold out every 10th image (a fixed, class-balanced-enough slice) as queries
-        held_out = list(range(0, len(bank), 10))
-        kept = sorted(set(range(len(bank))) - set(held_out))
-        bank, queries = (torch.utils.data.Subset(bank, kept), torch.utils.data.Subset(bank, held_out))
-    per_device = args.batch_size // info.world_size
-    return (evaluate.make_eval_loader(bank, per_device, args.workers, info),
-            evaluate.make_eval_loader(queries, per_device, args.workers, info))
-
-
 def knn_monitor(run, epoch):
-    import evaluate
     bank_loader, query_loader = run.knn_loaders
     folder = bank_loader.dataset.dataset if isinstance(bank_loader.dataset,
                                                        torch.utils.data.Subset) \
@@ -638,8 +548,8 @@ def knn_monitor(run, epoch):
     autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(run.precision)
     with torch.autocast(run.info.device.type, dtype=autocast_dtype,
                         enabled=autocast_dtype is not None):
-        top1 = evaluate.knn_evaluate(run.model.module.backbone, bank_loader, query_loader,
-                                     run.info.device, num_classes=len(folder.classes))
+        top1 = knn.knn_evaluate(run.model.module.backbone, bank_loader, query_loader,
+                                run.info.device, num_classes=len(folder.classes))
     run.model.train()  # knn_evaluate put the backbone in eval mode
     stats = dict(epoch=epoch, **{f'knn_top1_k{k}': v for k, v in top1.items()},
                  time=int(time.time() - run.start_time))
@@ -656,111 +566,6 @@ def build_probe(args, info, model, dataset):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-
-def checkpoint_args(args):
-    # Plain types only, so checkpoints load with torch.load(weights_only=True).
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, then rename over `path`.
-
-    A kill or a full disk during the write leaves the previous file untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f'cannot write {path}: {e.strerror or e}; the previous file, if any, '
-                         f'is unchanged') from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_temporaries(directory):
-    # Left by writes that a kill cut short; safe to delete while this run holds the lock.
-    for path in directory.glob('.*.pth.tmp-*'):
-        path.unlink(missing_ok=True)
-
-
-def exclude_bias_and_norm(p):
-    """The earlier release's LARS filter; its checkpoints pickle a reference to it."""
-    return p.ndim == 1
-
-
-class _CompatUnpickler(pickle.Unpickler):
-    # The earlier release ran as `python main.py`, so its optimizer state refers to
-    # `__main__.exclude_bias_and_norm`; map that (and `main.`) to the function above.
-    def find_class(self, module, name):
-        if name == 'exclude_bias_and_norm' and module in ('__main__', 'main'):
-            return exclude_bias_and_norm
-        return super().find_class(module, name)
-
-
-_compat_pickle = types.ModuleType('compat_pickle')
-_compat_pickle.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith('__')})
-_compat_pickle.Unpickler = _CompatUnpickler
-
-
-def load_checkpoint_file(path):
-    """torch.load with one-line errors; accepts the original's checkpoints too."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # a pickled function (earlier release): retry with the full unpickler below
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise InputError(f'cannot read checkpoint {path}: {_reason(e)}') from None
-    try:
-        return torch.load(path, map_location='cpu', weights_only=False,
-                          pickle_module=_compat_pickle)
-    except Exception as e:
-        raise InputError(f'cannot read checkpoint {path}: {_reason(e)}') from None
-
-
-def _reason(error):
-    # First line of the message; EOFError from an empty or cut-off file has none.
-    text = str(error).strip().split('\n')[0]
-    return text or ('the file is empty or truncated' if isinstance(error, EOFError)
-                    else type(error).__name__)
-
-
-def strip_module_prefix(state):
-    """State-dict keys without DistributedDataParallel's `module.` prefix."""
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
-
-
-def match_state_dict(state, model, what):
-    """`state` with keys renamed to `model`'s ('module.' prefix added or removed); any other
-    difference in keys or shapes is an InputError naming them."""
-    expected = model.state_dict()
-    want_prefix = next(iter(expected)).startswith('module.')
-    renamed = {('module.' + k) if want_prefix else k: v
-               for k, v in strip_module_prefix(state).items()}
-    missing = sorted(set(expected) - set(renamed))
-    unexpected = sorted(set(renamed) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(renamed)
-                         if tuple(expected[k].shape) != tuple(renamed[k].shape))
-    problems = []
-    for label, keys in (('missing', missing), ('unexpected', unexpected),
-                        ('different shape', wrong_shape)):
-        if keys:
-            shown = ', '.join(keys[:5]) + (f' (+{len(keys) - 5} more)' if len(keys) > 5 else '')
-            problems.append(f'{label}: {shown}')
-    if problems:
-        raise InputError(f'{what} does not match this configuration; {"; ".join(problems)}')
-    return renamed
 
 
 def save_checkpoint(run, epoch, steps_done=0):
@@ -1016,9 +821,6 @@ class LARS(optim.Optimizer):
         torch._foreach_mul_(mus, g['momentum'])
         torch._foreach_add_(mus, updates)
         torch._foreach_add_(params, mus, alpha=-g['lr'])
-
-
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 class GaussianBlur(object):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from data import InputError
+from cli import InputError
 
 
 class StatsLog:

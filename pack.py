@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from main import ArgumentParser, non_negative_int
-from data import (PACK_FORMAT, PACK_SUFFIXES, PACK_VERSION, InputError, decode_rgb, import_tables,
+from cli import ArgumentParser, InputError, non_negative_int
+from data import (PACK_FORMAT, PACK_SUFFIXES, PACK_VERSION, decode_rgb, import_tables,
                   open_pack, pack_split_group, read_strings)
 
 PROGRESS_SECONDS = 10
@@ -102,7 +103,6 @@ def pack(args):
 
 def list_split(source, split):
     """(classes, [(name, label, path)]) in torchvision ImageFolder's order; name: <class>/<file>."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
     folder = source / split
     if not folder.is_dir():
         raise InputError(f'{folder} not found: expected the ImageFolder layout '

@@ -8,7 +8,6 @@ SIGUSR1 under SLURM requeues the job (as the reference does) while anything else
 """
 import fcntl
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -17,18 +16,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from data import InputError
+from cli import InputError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def parse_duration(text):
-    """'30m', '2h', '45s', '1.5h' or plain seconds -> seconds (for --checkpoint-every)."""
-    match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*', str(text))
-    if not match:
-        raise ValueError(f"expected a duration such as 30m, 2h or 900s, got '{text}'")
-    value, unit = float(match.group(1)), match.group(2) or 's'
-    return value * {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}[unit]
 
 
 class StopRequests:

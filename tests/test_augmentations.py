@@ -15,7 +15,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 import augmentations as A
-from data import InputError, SeededSamples
+from cli import InputError
+from data import SeededSamples
 
 MEAN = torch.tensor(A.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(A.IMAGENET_STD).view(1, 3, 1, 1)
@@ -360,13 +361,3 @@ def test_same_seed_same_views():
     a = A.BatchAugment(0.1, 0.2)(images)
     torch.manual_seed(1)
     assert torch.equal(a, A.BatchAugment(0.1, 0.2)(images))
-
-
-def test_time_pipelines_reports_both_paths(tmp_path):
-    paths = []
-    for k in range(2):
-        paths.append(tmp_path / f'{k}.JPEG')
-        smooth_image(80, 60, seed=k).save(paths[-1])
-    rates = A.time_pipelines(paths, n=4, crop_size=32, batch_size=2)
-    assert set(rates) == {'reference', 'fast_worker', 'fast_device_cpu'}
-    assert all(r > 0 for r in rates.values())

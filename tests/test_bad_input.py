@@ -33,6 +33,7 @@ import pytest
 import torch
 from PIL import Image
 
+import backbones
 import evaluate
 import main
 import pack
@@ -172,7 +173,7 @@ def check_trained(t, images):
     """main.py finished one epoch over `images` images: checkpoint, backbone, finite losses."""
     ckpt = load(t.ck / 'checkpoint.pth')
     assert ckpt['epoch'] == 1 and ckpt['step_in_epoch'] == 0
-    net, _ = main.build_backbone('resnet18', cifar_stem=True)
+    net, _ = backbones.build_backbone('resnet18', cifar_stem=True)
     net.load_state_dict(load(t.ck / 'resnet18.pth'))  # strict
     lines = (t.ck / 'stats.txt').read_text().splitlines()
     stats = [json.loads(line) for line in lines if line.startswith('{')]

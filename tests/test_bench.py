@@ -2,6 +2,7 @@
 import re
 
 import bench
+from test_augmentations import smooth_image
 
 
 def table_rows(text, title):
@@ -40,3 +41,13 @@ def test_input_pipeline_table_from_files_and_pack(tiny_imagefolder, capsys):
         reference, fast, ratio = (float(v.strip().rstrip('x')) for v in row.split('|')[2:5])
         assert reference > 0 and fast > 0 and abs(ratio - fast / reference) < 0.01 + 0.01 * ratio
     assert re.search(r"device half, run on this CPU \(1 thread\): [\d.]+ images/s", out)
+
+
+def test_time_pipelines_reports_both_paths(tmp_path):
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f'{k}.JPEG')
+        smooth_image(80, 60, seed=k).save(paths[-1])
+    rates = bench.time_pipelines(paths, n=4, crop_size=32, batch_size=2)
+    assert set(rates) == {'reference', 'fast_worker', 'fast_device_cpu'}
+    assert all(r > 0 for r in rates.values())

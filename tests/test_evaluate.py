@@ -18,11 +18,15 @@ import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import backbones
+import checkpoints
+import data
 import distributed
 import evaluate
+import knn
 import main
 from conftest import ROOT, SHARED_SUBSETS, make_image_folder
-from data import InputError
+from cli import InputError
 
 TRAIN_KEYS = {'epoch', 'step', 'lr_backbone', 'lr_classifier', 'loss', 'time'}
 EPOCH_KEYS = {'epoch', 'acc1', 'acc5', 'best_acc1', 'best_acc5'}
@@ -147,7 +151,7 @@ def test_reference_defaults():
 def test_resume_refuses_another_kind_of_run(pre, tmp_path, capsys):
     ckdir = tmp_path / 'ck'
     ckdir.mkdir()
-    main.save_atomic(dict(epoch=1, best_acc=dict(top1=0, top5=0), model={}, optimizer={},
+    checkpoints.save_atomic(dict(epoch=1, best_acc=dict(top1=0, top5=0), model={}, optimizer={},
                           scheduler={}, args=dict(weights='freeze', train_percent=100)),
                      ckdir / 'checkpoint.pth')
     with pytest.raises(SystemExit) as exit_info:
@@ -159,7 +163,7 @@ def test_resume_refuses_another_kind_of_run(pre, tmp_path, capsys):
 
     # a pretraining directory's checkpoint.pth is not taken for a linear probe's
     (tmp_path / 'pre').mkdir()
-    main.save_atomic(load(pre.checkpoint), tmp_path / 'pre' / 'checkpoint.pth')
+    checkpoints.save_atomic(load(pre.checkpoint), tmp_path / 'pre' / 'checkpoint.pth')
     with pytest.raises(SystemExit):
         evaluate.main(eval_args(pre, tmp_path / 'pre'))
     assert 'is not an evaluate.py checkpoint' in capsys.readouterr().err
@@ -296,35 +300,35 @@ def test_each_pretrained_format_loads(pre, tmp_path, monkeypatch):
     files['DDP backbone'] = tmp_path / 'ddp.pth'
     torch.save({f'module.{k}': v for k, v in reference.items()}, files['DDP backbone'])
     for what, path in files.items():
-        state = evaluate.load_backbone_state(path, 'resnet18', cifar_stem=True)
+        state = backbones.load_backbone_state(path, 'resnet18', cifar_stem=True)
         assert state.keys() == reference.keys(), what
         assert all(torch.equal(state[k], reference[k]) for k in reference), what
 
     tv = torchvision.models.resnet18().state_dict()  # a real torchvision checkpoint
     torch.save(tv, tmp_path / 'resnet18-tv.pth')
-    state = evaluate.load_backbone_state(tmp_path / 'resnet18-tv.pth', 'resnet18', False)
+    state = backbones.load_backbone_state(tmp_path / 'resnet18-tv.pth', 'resnet18', False)
     assert state.keys() == {k for k in tv if not k.startswith('fc.')}
 
 
 def test_wrong_pretrained_files_fail_naming_keys(pre, tmp_path):
     with pytest.raises(InputError, match=r'missing: .*layer1\.0\.bn3\.bias'):
-        evaluate.load_backbone_state(pre.backbone, 'resnet50')  # a resnet18 file
+        backbones.load_backbone_state(pre.backbone, 'resnet50')  # a resnet18 file
     torch.save({'foo.weight': torch.zeros(3)}, tmp_path / 'random.pth')
     with pytest.raises(InputError, match=r'missing: bn1\.bias.*unexpected: foo\.weight'):
-        evaluate.load_backbone_state(tmp_path / 'random.pth', 'resnet18', True)
+        backbones.load_backbone_state(tmp_path / 'random.pth', 'resnet18', True)
     one_short = load(pre.backbone)
     del one_short['layer2.0.bn1.running_var']
     torch.save(one_short, tmp_path / 'short.pth')
     with pytest.raises(InputError, match=r'missing: layer2\.0\.bn1\.running_var$'):
-        evaluate.load_backbone_state(tmp_path / 'short.pth', 'resnet18', True)
+        backbones.load_backbone_state(tmp_path / 'short.pth', 'resnet18', True)
     with pytest.raises(InputError, match='pretrained with --arch resnet18 --cifar-stem'):
-        evaluate.load_backbone_state(pre.checkpoint, 'resnet50')
+        backbones.load_backbone_state(pre.checkpoint, 'resnet50')
     torch.save({'epoch': 3}, tmp_path / 'meta.pth')
     with pytest.raises(InputError, match='non-tensor entries epoch'):
-        evaluate.load_backbone_state(tmp_path / 'meta.pth', 'resnet18', True)
+        backbones.load_backbone_state(tmp_path / 'meta.pth', 'resnet18', True)
     (tmp_path / 'text.pth').write_text('not a checkpoint')
     with pytest.raises(InputError, match='cannot read checkpoint .*text.pth'):
-        evaluate.load_backbone_state(tmp_path / 'text.pth', 'resnet18', True)
+        backbones.load_backbone_state(tmp_path / 'text.pth', 'resnet18', True)
 
 
 def test_cli_bad_pretrained_file_is_one_line_error(pre, tmp_path):
@@ -355,18 +359,18 @@ def test_knn_weighted_vote_known_answers():
     labels = torch.tensor([0, 1, 1, 0])
     query = unit(1)
     # cos 1deg ~ 1.0 vs cos 36/38deg ~ 0.8: exp(1/0.07) = 1.6e6 > 2 exp(0.8/0.07) = 1.9e5
-    assert evaluate.knn_predict(query, bank, labels, 2, k=3, t=0.07).tolist() == [0]
+    assert knn.knn_predict(query, bank, labels, 2, k=3, t=0.07).tolist() == [0]
     # with a flat temperature the weights are nearly equal: the majority (class 1) wins
-    assert evaluate.knn_predict(query, bank, labels, 2, k=3, t=100.0).tolist() == [1]
+    assert knn.knn_predict(query, bank, labels, 2, k=3, t=100.0).tolist() == [1]
     # k=1 is the nearest neighbour; k beyond the bank size is capped (all 4 vote)
-    assert evaluate.knn_predict(unit(179), bank, labels, 2, k=1).tolist() == [0]
+    assert knn.knn_predict(unit(179), bank, labels, 2, k=1).tolist() == [0]
     three_ones = torch.tensor([0, 1, 1, 1])
-    assert evaluate.knn_predict(unit(1), bank, three_ones, 2, k=200, t=100.0).tolist() == [1]
+    assert knn.knn_predict(unit(1), bank, three_ones, 2, k=200, t=100.0).tolist() == [1]
     # cosine similarity: the scale of features and bank rows does not matter; chunking neither
     queries = unit(1, 40, -30, 170, 90)
-    expected = evaluate.knn_predict(queries, bank, labels, 2, k=3)
+    expected = knn.knn_predict(queries, bank, labels, 2, k=3)
     assert expected.tolist() == [0, 1, 1, 0, 1]
-    assert torch.equal(evaluate.knn_predict(queries * 7, bank * 3, labels, 2, k=3,
+    assert torch.equal(knn.knn_predict(queries * 7, bank * 3, labels, 2, k=3,
                                             chunk_size=2), expected)
 
 
@@ -381,8 +385,8 @@ def toy_knn_sets():
 def test_knn_evaluate_known_accuracy():
     bank_set, query_set = toy_knn_sets()
     info = distributed.DistInfo(0, 0, 1, torch.device('cpu'))
-    top1 = evaluate.knn_evaluate(nn.Identity(), evaluate.make_eval_loader(bank_set, 4, 0, info),
-                                 evaluate.make_eval_loader(query_set, 2, 0, info),
+    top1 = knn.knn_evaluate(nn.Identity(), data.make_eval_loader(bank_set, 4, 0, info),
+                                 data.make_eval_loader(query_set, 2, 0, info),
                                  torch.device('cpu'), ks=(1, 3))
     assert top1 == {1: 60.0, 3: 60.0}
 
@@ -418,20 +422,20 @@ def _sharded_worker(rank, port, out_dir):
     dist.init_process_group('gloo', init_method=f'tcp://localhost:{port}', rank=rank,
                             world_size=2)
     info = distributed.DistInfo(rank, rank, 2, torch.device('cpu'))
-    acc = evaluate.validate(nn.Identity(), evaluate.make_eval_loader(toy_logits(), 2, 0, info),
+    acc = evaluate.validate(nn.Identity(), data.make_eval_loader(toy_logits(), 2, 0, info),
                             info.device)
     bank_set, query_set = toy_knn_sets()
-    knn = evaluate.knn_evaluate(nn.Identity(), evaluate.make_eval_loader(bank_set, 2, 0, info),
-                                evaluate.make_eval_loader(query_set, 2, 0, info), info.device,
-                                ks=(1, 3))
-    shard_loader = evaluate.make_eval_loader(TensorDataset(torch.zeros(7)), 2, 0, info)
-    order = evaluate.gather_shards(torch.tensor(list(shard_loader.sampler)), shard_loader)
-    (out_dir / f'rank{rank}.json').write_text(json.dumps([acc, knn, order.tolist()]))
+    top1 = knn.knn_evaluate(nn.Identity(), data.make_eval_loader(bank_set, 2, 0, info),
+                            data.make_eval_loader(query_set, 2, 0, info), info.device,
+                            ks=(1, 3))
+    shard_loader = data.make_eval_loader(TensorDataset(torch.zeros(7)), 2, 0, info)
+    order = knn.gather_shards(torch.tensor(list(shard_loader.sampler)), shard_loader)
+    (out_dir / f'rank{rank}.json').write_text(json.dumps([acc, top1, order.tolist()]))
     dist.destroy_process_group()
 
 
 def test_validation_on_all_ranks_counts_every_image_once(tmp_path):
-    shards = [list(evaluate.ShardSampler(7, r, 3)) for r in range(3)]
+    shards = [list(data.ShardSampler(7, r, 3)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(7))  # no padding, no repeats
     single = evaluate.validate(nn.Identity(), torch.utils.data.DataLoader(toy_logits(),
                                                                           batch_size=3), 'cpu')

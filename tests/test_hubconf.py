@@ -8,10 +8,11 @@ import pytest
 import torch
 import torchvision
 
+import backbones
 import hubconf
 import main
+from cli import InputError
 from conftest import ROOT
-from data import InputError
 from test_evaluate import pretrained_outputs
 
 
@@ -49,7 +50,7 @@ def torch_home(tmp_path, monkeypatch):
 @pytest.fixture(scope='module')
 def resnet50_file(tmp_path_factory):
     """A resnet50.pth as main.py exports it, with random values unlike any initialisation."""
-    net, _ = main.build_backbone('resnet50')
+    net, _ = backbones.build_backbone('resnet50')
     gen = torch.Generator().manual_seed(0)
     state = {k: (torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + 7)
              for k, v in net.state_dict().items()}

@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 import torchvision
 
+import cli
 import distributed
 import main
 from conftest import ROOT
@@ -262,7 +263,7 @@ def test_bad_checkpoint_is_reported_and_kept(setup, tiny_imagefolder, tmp_path, 
 def test_batch_size_must_divide_world_size(tiny_imagefolder, tmp_path):
     args = main.parse_arguments(tiny_args(tiny_imagefolder, tmp_path / 'ck'))
     info = distributed.DistInfo(rank=0, local_rank=0, world_size=3, device=torch.device('cpu'))
-    with pytest.raises(main.InputError, match='--batch-size 4 is not divisible by the world size 3'):
+    with pytest.raises(cli.InputError, match='--batch-size 4 is not divisible by the world size 3'):
         main.train(info, args)
 
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import cli
 import main
 import monitor
 import plot
@@ -154,7 +155,7 @@ def test_tensorboard_flag_without_package_is_a_clear_error(tmp_path, monkeypatch
             raise ImportError('No module named tensorboard')
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, '__import__', no_tensorboard)
-    with pytest.raises(main.InputError, match='pip install tensorboard'):
+    with pytest.raises(cli.InputError, match='pip install tensorboard'):
         monitor.StatsLog(tmp_path / 'stats.txt', 'cmd', enabled=True,
                          tensorboard_dir=tmp_path / 'tb')
 

@@ -20,7 +20,8 @@ import evaluate  # noqa: E402
 import main  # noqa: E402
 import pack  # noqa: E402
 from conftest import ROOT, make_image_folder  # noqa: E402
-from data import InputError, PackedImageFolder, image_folder  # noqa: E402
+from cli import InputError  # noqa: E402
+from data import PackedImageFolder, image_folder  # noqa: E402
 
 CLASSES = ('n01440764', 'n01443537')  # ImageNet-style names, so SimCLR-format subset lists apply
 ARRAYS = ('data', 'offsets', 'labels', 'names', 'classes')

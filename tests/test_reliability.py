@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import cli
 import distributed
 import main
 import preemption
@@ -18,12 +19,12 @@ from test_main import assert_same_tensors, crash_at_step, load_state, read_stats
 
 
 def test_parse_duration():
-    assert preemption.parse_duration('30m') == 1800
-    assert preemption.parse_duration('2h') == 7200
-    assert preemption.parse_duration('1.5h') == 5400
-    assert preemption.parse_duration('45') == 45
+    assert cli.parse_duration('30m') == 1800
+    assert cli.parse_duration('2h') == 7200
+    assert cli.parse_duration('1.5h') == 5400
+    assert cli.parse_duration('45') == 45
     with pytest.raises(ValueError):
-        preemption.parse_duration('soon')
+        cli.parse_duration('soon')
 
 
 def test_mid_epoch_checkpoint_resumes_exactly(tiny_imagefolder, tmp_path, monkeypatch):

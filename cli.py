@@ -1,0 +1,78 @@
+"""The command line of every script: the one-line error, the parser that prints it, flag types.
+
+Bad input (a path, a file, a flag value) is an `InputError`; the scripts print its message as
+one line and exit non-zero. `ArgumentParser` does the same for argparse's own errors, and the
+flag types below reject bad values with a message naming the value.
+"""
+import argparse
+import re
+
+
+class InputError(Exception):
+    """Bad input from the user (a path, a file, a flag): reported as one line, non-zero exit.
+
+    A DataLoader worker's exception is re-raised in the main process as
+    `InputError("Caught InputError in DataLoader worker ...\\n<traceback>\\nInputError: msg")`;
+    the constructor keeps only the original message so the user still sees one line.
+    """
+
+    def __init__(self, message):
+        marker = f'{type(self).__name__}: '
+        if '\n' in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, not argparse's usage block: the flag and the problem.
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text}')
+    return value
+
+
+def positive_ints(text):
+    try:
+        values = tuple(positive_int(v) for v in text.split(','))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f'expected positive integers joined by commas, '
+                                         f'e.g. 20,200, got {text}') from None
+    return values
+
+
+def unit_fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f'expected a number between 0 and 1, got {text!r}')
+    return value
+
+
+def parse_duration(text):
+    """'30m', '2h', '45s', '1.5h' or plain seconds -> seconds (for --checkpoint-every)."""
+    match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*', str(text))
+    if not match:
+        raise ValueError(f"expected a duration such as 30m, 2h or 900s, got '{text}'")
+    value, unit = float(match.group(1)), match.group(2) or 's'
+    return value * {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}[unit]
+
+
+def duration(text):
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
