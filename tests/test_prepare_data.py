@@ -43,10 +43,12 @@ def fake_cifar(root, dataset):
     folder.mkdir(parents=True)
     if dataset == 'cifar10':
         files = {f'data_batch_{i}': 4 for i in range(1, 6)} | {'test_batch': 6}
-        label_key, meta = b'labels', ('batches.meta', {b'label_names': [b'c%d' % i for i in range(10)]})
+        names = [b'c%d' % i for i in range(10)]
+        label_key, meta = b'labels', ('batches.meta', {b'label_names': names})
     else:
         files = {'train': 12, 'test': 5}
-        label_key, meta = b'fine_labels', ('meta', {b'fine_label_names': [b'fine_%d' % i for i in range(100)]})
+        names = [b'fine_%d' % i for i in range(100)]
+        label_key, meta = b'fine_labels', ('meta', {b'fine_label_names': names})
     batches = {}
     for name, n in files.items():
         batch = {b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
@@ -106,9 +108,12 @@ def test_bad_sources_are_one_line_errors_and_leave_nothing(tmp_path, capsys):
     fake_fashion_mnist(raw, compress=False)
     name = prepare_data.FASHION_FILES['train'][0]
     (raw / name).write_bytes((raw / name).read_bytes()[:-5])  # truncated
-    cases = [(['fashion-mnist', str(tmp_path / 'a'), '--from', str(raw)], 'is truncated or padded'),
-             (['fashion-mnist', str(tmp_path / 'b'), '--from', str(tmp_path)], 'has no train-images'),
-             (['cifar10', str(tmp_path / 'c'), '--from', str(tmp_path)], 'has no cifar-10-batches-py'),
+    cases = [(['fashion-mnist', str(tmp_path / 'a'), '--from', str(raw)],
+              'is truncated or padded'),
+             (['fashion-mnist', str(tmp_path / 'b'), '--from', str(tmp_path)],
+              'has no train-images'),
+             (['cifar10', str(tmp_path / 'c'), '--from', str(tmp_path)],
+              'has no cifar-10-batches-py'),
              (['fashion-mnist', str(raw), '--from', str(raw)], 'already exists')]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
