@@ -3,11 +3,14 @@
 One function, `launch`, runs a worker function in every process a run needs:
 
 * torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK): this process is one rank.
-* SLURM: either one task per GPU (srun --ntasks-per-node=GPUs) or, as the reference does, one task
-  per node that starts one process per local GPU. The rendezvous host is the first node of the job;
+* SLURM job step (srun): either one task per GPU (srun --ntasks-per-node=GPUs, each task using the
+  GPU it sees, or its local rank's if it sees them all) or, as the reference does, one task per
+  node that starts one process per local GPU. The rendezvous host is the first node of the step;
   the port is derived from the job id, so two jobs sharing a node do not collide. What SIGUSR1
   (requeue) and SIGTERM do is preemption.py's business; a launcher that spawned processes
   forwards both to them.
+* SLURM batch script without srun (no SLURM_STEP_ID): it runs on the job's first node only, so
+  it is a plain local launch there; a job of several nodes is refused with a one-line error.
 * a plain `python main.py` on a machine with N GPUs: one process per GPU on a free local port.
 * no GPU (or --device cpu): a single CPU process, with a gloo process group of size one so that
   the training code is the same as in the distributed case.
@@ -18,6 +21,7 @@ the per-channel sums with a differentiable collective.
 """
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,10 +69,18 @@ def _slurm_port(job_id):
     return 20000 + int(job_id) % 20000
 
 
-def _slurm_master_host():
-    nodelist = os.environ['SLURM_JOB_NODELIST']
-    out = subprocess.check_output(['scontrol', 'show', 'hostnames', nodelist])
-    return out.decode().splitlines()[0]
+def _slurm_master_host(nodelist):
+    """The first host of a SLURM node list (the reference's rendezvous host)."""
+    try:
+        out = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], check=True,
+                             capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise InputError(f'cannot expand SLURM_JOB_NODELIST={nodelist} with scontrol ({e}); set '
+                         f'MASTER_ADDR to the first node\'s host name') from None
+    if not out:
+        raise InputError(f'scontrol show hostnames {nodelist} printed no host name; set '
+                         f'MASTER_ADDR to the first node\'s host name')
+    return out[0]
 
 
 def choose_device_type(requested):
@@ -85,10 +97,75 @@ def choose_device_type(requested):
     return 'cpu'
 
 
-def _init_process_group(rank, local_rank, world_size, device_type, init_method=None):
+# ---------------------------------------------------------------------------------------------
+# Which GPUs this torch build can run on
+# ---------------------------------------------------------------------------------------------
+
+PYPI_INSTALL = 'pip install torch==2.14.1 torchvision==0.29.2'
+CU126_INSTALL = PYPI_INSTALL + ' --index-url https://download.pytorch.org/whl/cu126'
+
+
+def arch_runs_on(arch, capability):
+    """Whether a get_arch_list() entry runs on a GPU of `capability` (major, minor).
+
+    sm_XY machine code runs on X.Y and later minor versions of major X (sm_90a only on 9.0);
+    compute_XY PTX is compiled at load time for X.Y and every later GPU.
+    """
+    match = re.fullmatch(r'(sm|compute)_(\d+)(\d)([a-z]?)', arch)
+    if not match:
+        return False
+    kind, major, minor, suffix = match[1], int(match[2]), int(match[3]), match[4]
+    if suffix:
+        return capability == (major, minor)
+    if kind == 'compute':
+        return capability >= (major, minor)
+    return capability[0] == major and capability[1] >= minor
+
+
+def install_command(capability):
+    """The pip command of a torch build with kernels for `capability` (README, Install)."""
+    # CUDA 12.8 and 13 builds of torch 2.11+ start at sm_75; the CUDA 12.6 ones still have sm_70.
+    return CU126_INSTALL if capability < (7, 5) else PYPI_INSTALL
+
+
+def check_gpu_supported(index, cuda=torch.cuda):
+    """One-line error, before any kernel runs, when this build has no kernels for GPU `index`
+    (otherwise the first kernel fails with "no kernel image is available")."""
+    archs = cuda.get_arch_list()
+    capability = tuple(cuda.get_device_capability(index))
+    if not archs or any(arch_runs_on(arch, capability) for arch in archs):
+        return
+    raise InputError(f'GPU {index} ({cuda.get_device_name(index)}) has compute capability '
+                     f'{capability[0]}.{capability[1]}, but torch {torch.__version__} has kernels '
+                     f'for {" ".join(archs)} only; install a build for it: '
+                     f'{install_command(capability)}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch: who takes part, on which device
+# ---------------------------------------------------------------------------------------------
+
+def device_index(local_rank, local_world_size, ngpus, variables, env):
+    """The GPU this process uses, from what it can see: the only one, or its local rank among
+    all of the node's GPUs (SLURM's --gpus-per-task and per-process CUDA_VISIBLE_DEVICES give
+    each process one GPU, numbered 0)."""
+    if ngpus == 1:
+        return 0
+    if local_rank < ngpus and (local_world_size is None or local_world_size <= ngpus):
+        return local_rank
+    of = '' if local_world_size is None else f' of {local_world_size}'
+    raise InputError(f'this process is local rank {local_rank}{of} on its node ({variables}) '
+                     f'but sees {ngpus} GPUs (CUDA_VISIBLE_DEVICES='
+                     f'{env.get("CUDA_VISIBLE_DEVICES", "unset")}); give each process one GPU '
+                     f'or let every process see all of the node\'s GPUs')
+
+
+def _init_process_group(rank, local_rank, world_size, device_type, init_method=None,
+                        gpu=None):
     if device_type == 'cuda':
-        torch.cuda.set_device(local_rank)
-        device = torch.device('cuda', local_rank)
+        gpu = local_rank if gpu is None else gpu
+        torch.cuda.set_device(gpu)
+        device = torch.device('cuda', gpu)
         backend = 'nccl'
     else:
         device = torch.device('cpu')
@@ -105,7 +182,8 @@ def _init_process_group(rank, local_rank, world_size, device_type, init_method=N
 
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
-    """How this launcher takes part: `nprocs` processes with global ranks rank_offset, ... ."""
+    """How this launcher takes part: `nprocs` processes with global ranks rank_offset, ...,
+    local ranks local_rank, ... and GPUs device_index, ... ."""
     nprocs: int
     rank_offset: int
     local_rank: int  # of the first process this launcher runs
@@ -113,35 +191,83 @@ class LaunchPlan:
     device_type: str
     init_method: str = None  # None: a group of one, in memory
     slurm: bool = False  # informational: the plan came from SLURM's variables
+    device_index: int = 0  # the first process's GPU, among those this process sees
+
+    def device_indices(self):
+        return range(self.device_index, self.device_index + self.nprocs) \
+            if self.device_type == 'cuda' else range(0)
 
 
 def plan_launch(env, device_type, ngpus, master_host=None):
     """Pure decision from the environment (torchrun, then SLURM, then local GPUs, then CPU)."""
     if 'RANK' in env and 'WORLD_SIZE' in env:  # torchrun, or any env:// launcher
-        return LaunchPlan(1, int(env['RANK']), int(env.get('LOCAL_RANK', 0)),
-                          int(env['WORLD_SIZE']), device_type, 'env://')
-    if 'SLURM_JOB_ID' in env and env.get('SLURM_JOB_NODELIST') and ngpus > 0:
-        host = env.get('MASTER_ADDR') or (master_host or _slurm_master_host)()
-        port = env.get('MASTER_PORT') or _slurm_port(env['SLURM_JOB_ID'])
-        init_method = f'tcp://{host}:{port}'
-        nnodes = int(env.get('SLURM_NNODES', 1))
-        ntasks = int(env.get('SLURM_NTASKS', nnodes))
-        if ntasks > nnodes:  # one task per GPU: SLURM already started every process
-            return LaunchPlan(1, int(env['SLURM_PROCID']), int(env.get('SLURM_LOCALID', 0)),
-                              ntasks, 'cuda', init_method, slurm=True)
-        # One task per node, as the reference: it starts one process per local GPU.
-        node = int(env.get('SLURM_NODEID', 0))
-        return LaunchPlan(ngpus, node * ngpus, 0, nnodes * ngpus, 'cuda', init_method, slurm=True)
-    if ngpus > 1:
+        local_rank = int(env.get('LOCAL_RANK', 0))
+        local_world = int(env['LOCAL_WORLD_SIZE']) if 'LOCAL_WORLD_SIZE' in env else None
+        gpu = device_index(local_rank, local_world, ngpus, 'LOCAL_RANK, LOCAL_WORLD_SIZE',
+                           env) if device_type == 'cuda' else 0
+        return LaunchPlan(1, int(env['RANK']), local_rank, int(env['WORLD_SIZE']), device_type,
+                          'env://', device_index=gpu)
+    if 'SLURM_JOB_ID' in env and env.get('SLURM_JOB_NODELIST'):
+        if 'SLURM_STEP_ID' in env or 'SLURM_STEPID' in env:
+            return _plan_slurm_step(env, device_type, ngpus, master_host)
+        _refuse_multi_node_batch_shell(env)
+    if device_type == 'cuda' and ngpus > 1:
         return LaunchPlan(ngpus, 0, 0, ngpus, 'cuda', 'tcp://localhost:{free_port}')
     return LaunchPlan(1, 0, 0, 1, device_type)
 
 
-def _run_in_this_process(local_rank, fn, fn_args, plan):
-    rank = plan.rank_offset + (local_rank if plan.nprocs > 1 else 0)
-    local_rank = local_rank if plan.nprocs > 1 else plan.local_rank
-    info = _init_process_group(rank, local_rank, plan.world_size, plan.device_type,
-                               plan.init_method)
+def _refuse_multi_node_batch_shell(env):
+    # sbatch runs its script on the first node only: a world spanning the job's nodes would wait
+    # forever for the others. On one node, the batch shell is a plain launch (the reference's
+    # one process per local GPU), whatever --ntasks-per-node says.
+    nodes = int(env.get('SLURM_JOB_NUM_NODES') or env.get('SLURM_NNODES') or 1)
+    if nodes > 1:
+        raise InputError(f'this is the batch script of a {nodes}-node SLURM job (SLURM_NNODES='
+                         f'{nodes}, no SLURM_STEP_ID), which runs on its first node only; start '
+                         f'the run with srun (srun python ...) so that every node takes part')
+
+
+def _plan_slurm_step(env, device_type, ngpus, master_host):
+    """One task per node (the reference: it starts one process per local GPU) or one task per
+    process (srun --ntasks-per-node GPUS: SLURM started every process)."""
+    nodelist = env.get('SLURM_STEP_NODELIST') or env['SLURM_JOB_NODELIST']
+    nnodes = int(env.get('SLURM_STEP_NUM_NODES') or env.get('SLURM_NNODES') or 1)
+    ntasks = int(env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS') or nnodes)
+    node = int(env.get('SLURM_NODEID', 0))
+    if ntasks > nnodes or device_type != 'cuda':
+        nprocs, world_size, rank = 1, ntasks, int(env.get('SLURM_PROCID', 0))
+        local_rank = int(env.get('SLURM_LOCALID', 0))
+        gpu = device_index(local_rank, _tasks_on_node(env, node), ngpus,
+                           'SLURM_LOCALID, SLURM_STEP_TASKS_PER_NODE', env) \
+            if device_type == 'cuda' else 0
+    else:
+        nprocs, world_size, rank, local_rank, gpu = ngpus, nnodes * ngpus, node * ngpus, 0, 0
+    if world_size == 1:
+        return LaunchPlan(nprocs, 0, local_rank, 1, device_type, slurm=True, device_index=gpu)
+    host = env.get('MASTER_ADDR') or (master_host or (lambda: _slurm_master_host(nodelist)))()
+    port = env.get('MASTER_PORT') or _slurm_port(env['SLURM_JOB_ID'])
+    return LaunchPlan(nprocs, rank, local_rank, world_size, device_type, f'tcp://{host}:{port}',
+                      slurm=True, device_index=gpu)
+
+
+def _tasks_on_node(env, node):
+    """Tasks of this step on node `node`, from SLURM's compressed list ("8(x2),4"); None if
+    SLURM did not say."""
+    spec = env.get('SLURM_STEP_TASKS_PER_NODE') or env.get('SLURM_TASKS_PER_NODE') or ''
+    counts = []
+    for part in filter(None, spec.split(',')):
+        match = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip())
+        if not match:
+            return None
+        counts += [int(match[1])] * int(match[2] or 1)
+    return counts[node] if node < len(counts) else None
+
+
+def _run_in_this_process(index, fn, fn_args, plan):
+    """Process `index` (0 .. nprocs-1) of this launcher's plan."""
+    info = _init_process_group(plan.rank_offset + index, plan.local_rank + index,
+                               plan.world_size, plan.device_type, plan.init_method,
+                               gpu=plan.device_index + index)
     try:
         return fn(info, *fn_args)
     finally:
@@ -153,6 +279,8 @@ def launch(fn, fn_args=(), device='auto'):
     device_type = choose_device_type(device)
     ngpus = torch.cuda.device_count() if device_type == 'cuda' else 0
     plan = plan_launch(os.environ, device_type, ngpus)
+    for index in plan.device_indices():
+        check_gpu_supported(index)
     if plan.init_method and '{free_port}' in plan.init_method:
         plan = dataclasses.replace(plan, init_method=plan.init_method.format(free_port=free_port()))
     if plan.nprocs == 1:
