@@ -313,7 +313,8 @@ def build_run(info, args):
     start_epoch, start_step = resume(args, model, optimizer, scaler, probe)
     progress = Progress(len(loader), args.epochs, args.batch_size, info.is_main)
     run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress,
-              StopRequests(info.world_size), probe, knn.build_monitor_loaders(args, info),
+              StopRequests(info.world_size, info.device), probe,
+              knn.build_monitor_loaders(args, info),
               FastTwoViews(args.blur_prob, args.solarize_prob).to(info.device)
               if args.fast_augment else None)
     if info.is_main:
@@ -396,11 +397,14 @@ def between_steps(run, epoch, steps_done, bad_step):
 
 
 def report_skipped_images(run, epoch):
-    skipped = torch.tensor([run.loader.dataset.take_skipped()], dtype=torch.int64)
+    skipped = run.loader.dataset.take_skipped()
     if run.info.world_size > 1 and run.args.bad_images == 'skip':
-        dist.all_reduce(skipped, group=run.stop.group)
-    if run.info.is_main and skipped.item():
-        print(f'epoch {epoch}: skipped {skipped.item()} unreadable image(s) (see the lines '
+        # NCCL reduces device tensors only
+        total = torch.tensor([skipped], dtype=torch.int64, device=run.info.device)
+        dist.all_reduce(total)
+        skipped = int(total.item())
+    if run.info.is_main and skipped:
+        print(f'epoch {epoch}: skipped {skipped} unreadable image(s) (see the lines '
               f'starting with "skipping:")', file=sys.stderr, flush=True)
 
 
@@ -465,7 +469,7 @@ def roll_back(run, error):
                              f'--rollbacks allows)') from None
         raise error
     if info.world_size > 1:
-        dist.barrier(group=run.stop.group)  # every rank is here: no checkpoint write under way
+        dist.barrier()  # every rank is here: no checkpoint write under way
     # resume() also restores lr_scale and rollbacks_done: the checkpoint holds the current ones,
     # as every rollback rewrites it below before training goes on
     epoch, step = resume(args, run.model, run.optimizer, run.scaler, run.probe)

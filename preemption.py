@@ -2,9 +2,10 @@
 
 SLURM sends SIGUSR1 shortly before a preemption or the time limit (sbatch --signal USR1@120) and
 SIGTERM on `scancel`; torchrun sends SIGTERM to its workers before an elastic restart. Either one
-only sets a flag here. The training loop polls it between steps; the ranks agree on it through a
-small CPU collective (no GPU synchronisation), rank 0 writes a mid-epoch checkpoint, and then
-SIGUSR1 under SLURM requeues the job (as the reference does) while anything else exits cleanly.
+only sets a flag here. The training loops of main.py and evaluate.py poll it between steps; the
+ranks agree on it through the run's process group (see StopRequests), rank 0 writes a mid-epoch
+checkpoint, and then SIGUSR1 under SLURM requeues the job (as the reference does) while anything
+else exits cleanly.
 """
 import fcntl
 import os
@@ -22,15 +23,26 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequests:
-    """SIGTERM/SIGUSR1 -> a flag that every rank sees at the same step."""
+    """SIGTERM/SIGUSR1 -> a flag that every rank sees at the same step.
 
-    def __init__(self, world_size):
+    The ranks agree through the run's own process group (NCCL on GPUs, gloo on the CPU), so a
+    multi-node run needs no network setting beyond what that backend needs. (A second gloo group
+    would pick its network interface from the host name, which resolves to loopback on many
+    clusters; NCCL finds its interfaces itself.)
+
+    On a GPU the tiny all-reduce is queued on the device like the step's kernels, and its result
+    is read one call later (`lagged`): the host then waits only for the previous step's kernels,
+    never for those it has just queued, so it stays one step ahead and the GPU does not idle.
+    The trade-off: the host can no longer run more than a step ahead of the GPU, and a stop
+    takes effect one step after it was agreed (on every rank alike).
+    """
+
+    def __init__(self, world_size, device='cpu', lagged=None):
         self.world_size = world_size
+        self.device = torch.device(device)
+        self.lagged = self.device.type == 'cuda' if lagged is None else lagged
+        self.pending = None  # (flags on the host, the event after their copy) of the last call
         self.received = 0
-        self.group = None
-        if world_size > 1:
-            # A gloo group so that polling never waits on the GPU (NCCL would need a device tensor).
-            self.group = None if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo')
         self.previous = {}
         for sig in STOP_SIGNALS:
             try:
@@ -44,12 +56,28 @@ class StopRequests:
     def agreed(self, due=False):
         """(stop signal or 0, whether any rank has `due` set), identical on every rank; a
         collective. `due` carries a rank's own decision that a checkpoint is due (clocks and
-        start times differ between ranks), so that all ranks act on it at the same step."""
+        start times differ between ranks), so that all ranks act on it at the same step.
+        When lagged, the answer is the previous call's."""
         if self.world_size == 1:
             return self.received, bool(due)
-        flags = torch.tensor([self.received, int(due)], dtype=torch.int64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flags[0]), bool(flags[1])
+        flags = torch.full((2,), self.received, dtype=torch.int64, device=self.device)
+        flags[1].fill_(int(due))  # fills from host scalars: nothing is copied to the device
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if not self.lagged:
+            signum, due = flags.tolist()
+            return signum, bool(due)
+        host = flags.to('cpu', non_blocking=True)  # into pinned memory: queued, not waited for
+        done = torch.cuda.Event() if flags.is_cuda else None
+        if done is not None:
+            done.record()
+        previous, self.pending = self.pending, (host, done)
+        if previous is None:
+            return 0, False
+        host, done = previous
+        if done is not None:
+            done.synchronize()  # the previous step's kernels, long queued
+        signum, due = host.tolist()
+        return signum, bool(due)
 
     def close(self):
         for sig, handler in self.previous.items():
