@@ -19,6 +19,8 @@ main.py or from the original code (`module.backbone.*` keys). Writes stats.txt a
 (resumed automatically) to --checkpoint-dir, whose default depends on the mode (see --help).
 """
 import argparse
+import dataclasses
+import math
 import os
 import re
 import sys
@@ -37,9 +39,10 @@ from augmentations import train_transform, val_transform
 from backbones import ARCHS, build_backbone, load_backbone_state
 from checkpoints import checkpoint_args, load_checkpoint_file, match_state_dict, save_atomic
 from cli import ArgumentParser, InputError, non_negative_int, positive_int, positive_ints
-from data import align_classes, image_folder, make_eval_loader, seed_everything
+from data import EpochSampler, align_classes, image_folder, make_eval_loader, seed_everything
 from knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
 from monitor import StatsLog
+from preemption import StopRequests, Stopped
 
 SUBSET_URL = ('https://raw.githubusercontent.com/google-research/simclr/master/imagenet_subsets/'
               '{percent}percent.txt')
@@ -153,9 +156,9 @@ def main(argv=None):
             args.train_files = subset_list_file(args.train_percent, args.train_files,
                                                 args.subset_cache_dir)
             read_subset_list(args.train_files)
+        distributed.launch(main_worker, (args,), device=args.device)
     except InputError as e:
         sys.exit(f'evaluate.py: error: {e}')
-    distributed.launch(main_worker, (args,), device=args.device)
 
 
 def main_worker(info, args):
@@ -165,11 +168,35 @@ def main_worker(info, args):
         where = f' (rank {info.rank})' if info.world_size > 1 else ''
         print(f'evaluate.py: error{where}: {e}', file=sys.stderr, flush=True)
         sys.exit(1)
+    except Stopped as e:
+        if info.is_main:
+            print(f'evaluate.py: {e}', file=sys.stderr, flush=True)
+        sys.exit(0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Linear probe / fine-tuning, as the reference
 # ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Training:
+    """What one process's linear-probe / fine-tuning loop works with."""
+    args: argparse.Namespace
+    info: distributed.DistInfo
+    model: nn.Module
+    optimizer: optim.Optimizer
+    scheduler: optim.lr_scheduler.LRScheduler
+    loader: torch.utils.data.DataLoader
+    log: StatsLog
+    stop: StopRequests
+    best_acc: dict
+    start_time: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def steps_per_epoch(self):
+        # the whole epoch's, also while a resumed epoch's loader yields fewer batches
+        return math.ceil(self.loader.sampler.num_samples / self.loader.batch_size)
+
 
 def linear_eval(info, args):
     """Build, resume, then per epoch: train, validate on all ranks, check, checkpoint."""
@@ -181,54 +208,91 @@ def linear_eval(info, args):
     pretrained = load_backbone_state(args.pretrained, args.arch, args.cifar_stem)
     train_set, val_set = build_datasets(args, train_transform(args.crop_size))
     model, optimizer, scheduler = build_model(args, info, pretrained, len(train_set.classes))
-    start_epoch, best_acc = resume(args, model, optimizer, scheduler, pretrained)
+    start_epoch, start_step, best_acc = resume(args, model, optimizer, scheduler, pretrained)
     train_loader, val_loader = build_loaders(args, info, train_set, val_set)
     if info.is_main:
         print_provenance(args, info, len(train_set), len(val_set))
-
-    start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed, epoch, info.rank)
-        train_loader.sampler.set_epoch(epoch)
-        train_one_epoch(model, train_loader, optimizer, args, info, epoch, stats_log,
-                        start_time)
-        acc1, acc5 = validate(model.module, val_loader, info.device)
-        best_acc = dict(top1=max(best_acc['top1'], acc1), top5=max(best_acc['top5'], acc5))
-        stats_log.write(dict(epoch=epoch, acc1=acc1, acc5=acc5, best_acc1=best_acc['top1'],
-                             best_acc5=best_acc['top5']), epoch)
-        if args.weights == 'freeze':  # sanity check: the frozen backbone must not have moved
-            changed = changed_keys(model.module, pretrained)
-            if changed:
-                raise RuntimeError(f'frozen backbone changed during training: {changed[:5]}')
-        scheduler.step()
-        if info.is_main:
-            state = dict(epoch=epoch + 1, best_acc=best_acc, model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         args=checkpoint_args(args))
-            save_atomic(state, args.checkpoint_dir / 'checkpoint.pth')
-    stats_log.close()
+    run = Training(args, info, model, optimizer, scheduler, train_loader, stats_log,
+                   StopRequests(info.world_size, info.device), best_acc)
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            train_one_epoch(run, epoch, start_step if epoch == start_epoch else 0)
+            end_epoch(run, epoch, val_loader, pretrained)
+    finally:
+        run.stop.close()
+        stats_log.close()
 
 
-def train_one_epoch(model, loader, optimizer, args, info, epoch, stats_log, start_time):
+def end_epoch(run, epoch, val_loader, pretrained):
+    """Validate, log, check the frozen backbone, step the schedule, checkpoint."""
+    acc1, acc5 = validate(run.model.module, val_loader, run.info.device)
+    best = run.best_acc = dict(top1=max(run.best_acc['top1'], acc1),
+                               top5=max(run.best_acc['top5'], acc5))
+    run.log.write(dict(epoch=epoch, acc1=acc1, acc5=acc5, best_acc1=best['top1'],
+                       best_acc5=best['top5']), epoch)
+    if run.args.weights == 'freeze':  # sanity check: the frozen backbone must not have moved
+        changed = changed_keys(run.model.module, pretrained)
+        if changed:
+            raise RuntimeError(f'frozen backbone changed during training: {changed[:5]}')
+    run.scheduler.step()
+    save_checkpoint(run, epoch + 1)
+
+
+def save_checkpoint(run, epoch, steps_done=0):
+    """checkpoint.pth (rank 0) to continue at `epoch` after its first `steps_done` steps; the
+    reference's keys, plus step_in_epoch, which the reference ignores."""
+    if run.info.is_main:
+        state = dict(epoch=epoch, step_in_epoch=steps_done, best_acc=run.best_acc,
+                     model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+                     scheduler=run.scheduler.state_dict(), args=checkpoint_args(run.args))
+        save_atomic(state, run.args.checkpoint_dir / 'checkpoint.pth')
+
+
+def train_one_epoch(run, epoch, first_step=0):
+    """The epoch's steps from `first_step` on; on SIGTERM/SIGUSR1 (agreed by every rank at one
+    step) checkpoint there, requeue under SLURM after SIGUSR1, and raise Stopped."""
+    args, info, loader = run.args, run.info, run.loader
+    seed_everything(args.seed, epoch, info.rank)
+    loader.sampler.set_epoch(epoch)
+    # a resumed epoch: the samples it has not seen yet
+    loader.sampler.start = min(first_step * loader.batch_size, loader.sampler.num_samples)
     # freeze: the whole model in eval mode as the reference, so BatchNorm statistics stay fixed
     # (the head is a Linear layer, which has no train/eval difference).
-    model.train(args.weights == 'finetune')
+    run.model.train(args.weights == 'finetune')
     criterion = nn.CrossEntropyLoss()
-    for step, (images, target) in enumerate(loader, start=epoch * len(loader)):
-        output = model(images.to(info.device, non_blocking=True))
+    first = epoch * run.steps_per_epoch + first_step
+    for step, (images, target) in enumerate(loader, start=first):
+        output = run.model(images.to(info.device, non_blocking=True))
         loss = criterion(output, target.to(info.device, non_blocking=True))
-        optimizer.zero_grad()
+        run.optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        run.optimizer.step()
         if step % args.print_freq == 0:
-            loss = loss.detach() / info.world_size
-            if info.world_size > 1:
-                dist.all_reduce(loss)  # mean over ranks, as the reference's reduce to rank 0
-            groups = optimizer.param_groups
-            stats_log.write(dict(epoch=epoch, step=step,
-                                 lr_backbone=groups[1]['lr'] if len(groups) == 2 else 0,
-                                 lr_classifier=groups[0]['lr'], loss=loss.item(),
-                                 time=int(time.time() - start_time)), step)
+            log_step(run, epoch, step, loss)
+        signum, _ = run.stop.agreed()
+        if signum:
+            stop_at(run, signum, epoch, step + 1 - epoch * run.steps_per_epoch)
+
+
+def log_step(run, epoch, step, loss):
+    loss = loss.detach() / run.info.world_size
+    if run.info.world_size > 1:
+        dist.all_reduce(loss)  # mean over ranks, as the reference's reduce to rank 0
+    groups = run.optimizer.param_groups
+    run.log.write(dict(epoch=epoch, step=step,
+                       lr_backbone=groups[1]['lr'] if len(groups) == 2 else 0,
+                       lr_classifier=groups[0]['lr'], loss=loss.item(),
+                       time=int(time.time() - run.start_time)), step)
+
+
+def stop_at(run, signum, epoch, steps_done):
+    # A mid-epoch checkpoint resumes at the exact step: the rest of the epoch sees the samples
+    # an uninterrupted run would have (their random crops are drawn afresh). After the epoch's
+    # last step, the resumed run starts with its validation.
+    save_checkpoint(run, epoch, steps_done)
+    requeued = run.info.is_main and StopRequests.requeue_if_slurm(signum)
+    raise Stopped(f'stopped by signal {signum} at epoch {epoch}, step {steps_done} of the epoch; '
+                  f'checkpoint saved' + ('; job requeued' if requeued else ''))
 
 
 @torch.no_grad()
@@ -308,10 +372,12 @@ def changed_keys(net, reference):
 
 
 def resume(args, model, optimizer, scheduler, pretrained):
-    """Resume from checkpoint_dir/checkpoint.pth when present (ours or the reference's)."""
+    """Resume from checkpoint_dir/checkpoint.pth when present (ours or the reference's).
+
+    Returns (epoch, steps already done in it, best accuracies so far)."""
     path = args.checkpoint_dir / 'checkpoint.pth'
     if not path.is_file():
-        return 0, dict(top1=0.0, top5=0.0)
+        return 0, 0, dict(top1=0.0, top5=0.0)
     ckpt = load_checkpoint_file(path)
     needed = {'epoch', 'best_acc', 'model', 'optimizer', 'scheduler'}
     if not isinstance(ckpt, dict) or not needed <= set(ckpt):
@@ -337,7 +403,7 @@ def resume(args, model, optimizer, scheduler, pretrained):
                          f'{args.pretrained}; use another --checkpoint-dir')
     best = ckpt['best_acc']
     best = vars(best) if isinstance(best, argparse.Namespace) else best  # the reference's
-    return ckpt['epoch'], dict(top1=best['top1'], top5=best['top5'])
+    return ckpt['epoch'], ckpt.get('step_in_epoch', 0), dict(top1=best['top1'], top5=best['top5'])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,8 +483,8 @@ def select_subset(dataset, names, list_path):
 
 def build_loaders(args, info, train_set, val_set):
     per_rank = args.batch_size // info.world_size
-    sampler = torch.utils.data.distributed.DistributedSampler(
-        train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed)
+    sampler = EpochSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                           seed=args.seed)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=per_rank, num_workers=args.workers,
         pin_memory=info.device.type == 'cuda', sampler=sampler)

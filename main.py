@@ -37,7 +37,7 @@ from cli import (ArgumentParser, InputError, duration, non_negative_int, positiv
                  probability_pair, unit_fraction)
 from data import EpochSampler, SeededSamples, image_folder, make_demo_dataset, seed_everything
 from monitor import OnlineProbe, Progress, StatsLog
-from preemption import RunLock, StopRequests
+from preemption import RunLock, StopRequests, Stopped
 
 # What `--demo` changes: a CPU-sized run on the synthetic dataset. Explicit flags still win.
 # --drop-last: 400 images are not a multiple of 64, and the reference's mis-scaled last batch
@@ -267,10 +267,6 @@ class Run:
         sampler, batch = self.loader.sampler, self.loader.batch_size
         return sampler.num_samples // batch if self.loader.drop_last \
             else math.ceil(sampler.num_samples / batch)
-
-
-class Stopped(Exception):
-    """A stop signal was handled: the checkpoint is written, the process should exit 0."""
 
 
 def train(info, args):

@@ -22,6 +22,10 @@ from cli import InputError
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+class Stopped(Exception):
+    """A stop signal was handled: the checkpoint is written, the process should exit 0."""
+
+
 class StopRequests:
     """SIGTERM/SIGUSR1 -> a flag that every rank sees at the same step.
 
