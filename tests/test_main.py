@@ -274,27 +274,6 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
     assert proc.stderr.strip().count('\n') == 0 and 'does not exist' in proc.stderr
 
 
-def test_launch_plans():
-    plan = distributed.plan_launch({'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '1'}, 'cuda', 4)
-    assert (plan.nprocs, plan.rank_offset, plan.local_rank, plan.world_size, plan.init_method) \
-        == (1, 3, 1, 8, 'env://')
-    slurm = {'SLURM_JOB_ID': '4242', 'SLURM_JOB_NODELIST': 'gpu[01-02]', 'SLURM_NNODES': '2',
-             'SLURM_NTASKS': '2', 'SLURM_NODEID': '1'}
-    plan = distributed.plan_launch(slurm, 'cuda', 8, master_host=lambda: 'gpu01')
-    assert (plan.nprocs, plan.rank_offset, plan.world_size, plan.slurm) == (8, 8, 16, True)
-    assert plan.init_method == 'tcp://gpu01:24242'
-    other_job = distributed.plan_launch(dict(slurm, SLURM_JOB_ID='4243'), 'cuda', 8,
-                                        master_host=lambda: 'gpu01')
-    assert other_job.init_method != plan.init_method  # no fixed port shared by two jobs
-    per_gpu = dict(slurm, SLURM_NTASKS='16', SLURM_PROCID='13', SLURM_LOCALID='5')
-    plan = distributed.plan_launch(per_gpu, 'cuda', 8, master_host=lambda: 'gpu01')
-    assert (plan.nprocs, plan.rank_offset, plan.local_rank, plan.world_size) == (1, 13, 5, 16)
-    plan = distributed.plan_launch({}, 'cuda', 4)
-    assert (plan.nprocs, plan.world_size) == (4, 4)
-    plan = distributed.plan_launch(slurm, 'cpu', 0)  # SLURM without GPUs: one CPU process
-    assert (plan.nprocs, plan.world_size, plan.device_type, plan.init_method) == (1, 1, 'cpu', None)
-
-
 def test_no_gpu_warns_and_uses_cpu():
     with pytest.warns(UserWarning, match='no CUDA GPU found'):
         assert distributed.choose_device_type('auto') == 'cpu'
