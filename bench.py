@@ -33,6 +33,7 @@ import distributed
 import main as pretrain
 import pack
 from backbones import ARCHS
+from cli import InputError
 from data import image_folder, load_rgb
 
 SETTINGS = {
@@ -257,6 +258,11 @@ def main(argv=None):
     device = torch.device('cuda', 0) if distributed.choose_device_type(args.device) == 'cuda' \
         else torch.device('cpu')
     gpu = device.type == 'cuda'
+    try:
+        if gpu:
+            distributed.check_gpu_supported(0)  # a one-line error, not a CUDA traceback
+    except InputError as e:
+        sys.exit(f'bench.py: error: {e}')
     args.batch_size = args.batch_size or (256 if gpu else 16)
     args.steps = args.steps or (20 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import backbones
+import bench
 import distributed
 import main
 import preemption
@@ -347,3 +348,11 @@ def test_batch_script_of_two_nodes_stops_at_once(tiny_imagefolder, tmp_path, sco
     message = str(exit_info.value.code)
     assert '\n' not in message and 'batch script of a 2-node SLURM job' in message
     assert not (tmp_path / 'ck').exists() and calls(scontrol) == []
+
+
+def test_bench_checks_the_gpu_too(monkeypatch):
+    FakeCuda(1, (7, 0), CU130_ARCHS).install(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(['--device', 'cuda'])
+    message = str(exit_info.value.code)
+    assert message.startswith('bench.py: error: GPU 0 (Tesla V100') and '\n' not in message
