@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import backbones
 import bench
@@ -221,7 +222,6 @@ def test_v100_on_a_build_without_sm70_is_a_one_line_error(tiny_imagefolder, tmp_
 def test_lagged_agreement_answers_one_call_late():
     # the GPU path's bookkeeping, on a real gloo group (of one rank: the answers of several
     # ranks agreeing is the all-reduce's part, shown by test_reliability's two processes)
-    import torch.distributed as dist
     dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
     try:
         stop = preemption.StopRequests(2, 'cpu', lagged=True)
@@ -234,6 +234,29 @@ def test_lagged_agreement_answers_one_call_late():
     finally:
         dist.destroy_process_group()
     assert answers == [(0, False), (0, True), (int(signal.SIGUSR1), False)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_lagged_agreement_on_a_gpu_queues_without_waiting():
+    # NCCL over one rank: the device tensor, the pinned copy and the event of the real path
+    torch.cuda.set_device(0)
+    dist.init_process_group('nccl', store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        stop = preemption.StopRequests(2, 'cuda')
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode('error')
+            try:
+                answers = [stop.agreed(due=True)]  # queues its work, reads nothing back
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+            stop.received = signal.SIGUSR1
+            answers += [stop.agreed(), stop.agreed()]
+        finally:
+            stop.close()
+    finally:
+        dist.destroy_process_group()
+    assert stop.lagged and answers == [(0, False), (0, True), (int(signal.SIGUSR1), False)]
 
 
 # ---------------------------------------------------------------------------------------------
