@@ -13,7 +13,7 @@ One function, `launch`, runs a worker function in every process a run needs:
   it is a plain local launch there; a job of several nodes is refused with a one-line error.
 * a plain `python main.py` on a machine with N GPUs: one process per GPU on a free local port.
 * no GPU (or --device cpu): a single CPU process, with a gloo process group of size one so that
-  the training code is the same as in the distributed case.
+  the training code is the same as in the distributed case (under srun: one per task).
 
 BatchNorm statistics must be global across ranks (the reference uses nn.SyncBatchNorm). SyncBatchNorm
 refuses CPU tensors, so CPU runs with more than one process use `GlobalBatchNorm`, which all-reduces
@@ -252,8 +252,8 @@ def _plan_slurm_step(env, device_type, ngpus, master_host):
 
 def _tasks_on_node(env, node):
     """Tasks of this step on node `node`, from SLURM's compressed list ("8(x2),4"); None if
-    SLURM did not say."""
-    spec = env.get('SLURM_STEP_TASKS_PER_NODE') or env.get('SLURM_TASKS_PER_NODE') or ''
+    srun did not say (the job's SLURM_TASKS_PER_NODE may count more tasks than this step has)."""
+    spec = env.get('SLURM_STEP_TASKS_PER_NODE', '')
     counts = []
     for part in filter(None, spec.split(',')):
         match = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip())
