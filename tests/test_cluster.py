@@ -263,23 +263,26 @@ def test_lagged_agreement_on_a_gpu_queues_without_waiting():
 # Real processes: two "nodes" of one task each, as srun starts them
 # ---------------------------------------------------------------------------------------------
 
-def node_env(node, port, nnodes=2):
+def task_env(rank, port, nnodes=2, per_node=1):
+    """The environment srun gives task `rank` of nnodes x per_node tasks."""
     env = dict(os.environ, SLURM_JOB_ID=JOB, SLURM_STEP_ID='0', SLURM_NNODES=str(nnodes),
-               SLURM_NTASKS=str(nnodes), SLURM_NODEID=str(node), SLURM_PROCID=str(node),
-               SLURM_LOCALID='0', SLURM_JOB_NODELIST=','.join(['localhost'] * nnodes),
-               MASTER_PORT=str(port), OMP_NUM_THREADS='1')
+               SLURM_NTASKS=str(nnodes * per_node), SLURM_NODEID=str(rank // per_node),
+               SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank % per_node),
+               SLURM_STEP_TASKS_PER_NODE=f'{per_node}(x{nnodes})',
+               SLURM_JOB_NODELIST=','.join(['localhost'] * nnodes), MASTER_PORT=str(port),
+               OMP_NUM_THREADS='1')
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR'):
         env.pop(key, None)
     return env
 
 
-def start_nodes(script, argv, nnodes=2):
+def start_tasks(script, argv, nnodes=2, per_node=1):
     port = distributed.free_port()
-    # each node in its own session, so that a signal goes to a process group as SLURM sends it
-    return [subprocess.Popen([sys.executable, str(ROOT / script), *argv], env=node_env(n, port,
-                                                                                       nnodes),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True) for n in range(nnodes)]
+    # each task in its own session, so that a signal goes to a process group as SLURM sends it
+    return [subprocess.Popen([sys.executable, str(ROOT / script), *argv],
+                             env=task_env(rank, port, nnodes, per_node), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for rank in range(nnodes * per_node)]
 
 
 def finish(procs, timeout=150):
@@ -311,7 +314,7 @@ def logged_steps(ckdir):
 
 def test_two_nodes_train_and_requeue_on_sigusr1(tiny_imagefolder, tmp_path, scontrol):
     ckdir = tmp_path / 'ck'
-    procs = start_nodes('main.py', tiny_args(tiny_imagefolder, ckdir, epochs=50))
+    procs = start_tasks('main.py', tiny_args(tiny_imagefolder, ckdir, epochs=50))
     wait_for_steps(ckdir / 'stats.txt', 2, procs)
     for p in procs:  # SLURM signals every task of the job
         os.killpg(p.pid, signal.SIGUSR1)
@@ -325,14 +328,14 @@ def test_two_nodes_train_and_requeue_on_sigusr1(tiny_imagefolder, tmp_path, scon
     done = ckpt['epoch'] * 3 + ckpt['step_in_epoch']  # 12 images, batch 4: 3 steps per epoch
     assert logged_steps(ckdir) == list(range(done))  # the checkpoint holds every step run
     # the requeued job: both nodes start again and continue at the checkpoint's step
-    results = finish(start_nodes('main.py', tiny_args(tiny_imagefolder, ckdir,
+    results = finish(start_tasks('main.py', tiny_args(tiny_imagefolder, ckdir,
                                                       epochs=ckpt['epoch'] + 1)))
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert logged_steps(ckdir) == list(range(3 * ckpt['epoch'] + 3))  # none twice, none lost
     assert (ckdir / 'resnet18.pth').exists()
 
 
-def test_evaluate_requeues_on_sigusr1_and_resumes_at_the_step(tiny_imagefolder, tmp_path,
+def test_evaluate_one_task_per_gpu_requeues_on_sigusr1_and_resumes_at_the_step(tiny_imagefolder, tmp_path,
                                                               scontrol):
     backbone = tmp_path / 'resnet18.pth'
     torch.save(backbones.build_backbone('resnet18', True)[0].state_dict(), backbone)
@@ -342,7 +345,8 @@ def test_evaluate_requeues_on_sigusr1_and_resumes_at_the_step(tiny_imagefolder, 
         return [str(tiny_imagefolder), str(backbone), '--arch', 'resnet18', '--cifar-stem',
                 '--crop-size', '16', '--batch-size', '4', '--epochs', str(epochs), '--workers',
                 '0', '--device', 'cpu', '--print-freq', '1', '--checkpoint-dir', str(ckdir)]
-    procs = start_nodes('evaluate.py', eval_argv(100))
+    # one node, one task per (would-be) GPU
+    procs = start_tasks('evaluate.py', eval_argv(100), nnodes=1, per_node=2)
     wait_for_steps(ckdir / 'stats.txt', 2, procs)
     for p in procs:
         os.killpg(p.pid, signal.SIGUSR1)
@@ -350,10 +354,12 @@ def test_evaluate_requeues_on_sigusr1_and_resumes_at_the_step(tiny_imagefolder, 
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert 'checkpoint saved; job requeued' in results[0][2]
     assert calls(scontrol).count(f'requeue {JOB}') == 1
+    assert calls(scontrol).count('show hostnames localhost') == 2  # each task asks
     ckpt = load_state(ckdir / 'checkpoint.pth')
     done = ckpt['epoch'] * 3 + ckpt['step_in_epoch']
     assert logged_steps(ckdir) == list(range(done))
-    results = finish(start_nodes('evaluate.py', eval_argv(ckpt['epoch'] + 1)))
+    results = finish(start_tasks('evaluate.py', eval_argv(ckpt['epoch'] + 1), nnodes=1,
+                                 per_node=2))
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert logged_steps(ckdir) == list(range(3 * ckpt['epoch'] + 3))
     assert load_state(ckdir / 'checkpoint.pth')['epoch'] == ckpt['epoch'] + 1
@@ -362,7 +368,7 @@ def test_evaluate_requeues_on_sigusr1_and_resumes_at_the_step(tiny_imagefolder, 
 
 def test_batch_script_of_two_nodes_stops_at_once(tiny_imagefolder, tmp_path, scontrol,
                                                  monkeypatch, capsys):
-    env = node_env(0, distributed.free_port())
+    env = task_env(0, distributed.free_port())
     del env['SLURM_STEP_ID']
     for key, value in env.items():
         monkeypatch.setenv(key, value)
