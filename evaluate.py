@@ -42,7 +42,7 @@ from cli import ArgumentParser, InputError, non_negative_int, positive_int, posi
 from data import EpochSampler, align_classes, image_folder, make_eval_loader, seed_everything
 from knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
 from monitor import StatsLog
-from preemption import StopRequests, Stopped
+from preemption import StopRequests, Stopped, stop_signals_end_it
 
 SUBSET_URL = ('https://raw.githubusercontent.com/google-research/simclr/master/imagenet_subsets/'
               '{percent}percent.txt')
@@ -163,7 +163,11 @@ def main(argv=None):
 
 def main_worker(info, args):
     try:
-        (knn_main if args.knn else linear_eval)(info, args)
+        if args.knn:
+            with stop_signals_end_it(info.is_main, 'the kNN evaluation'):
+                knn_main(info, args)
+        else:
+            linear_eval(info, args)
     except InputError as e:
         where = f' (rank {info.rank})' if info.world_size > 1 else ''
         print(f'evaluate.py: error{where}: {e}', file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ ranks agree on it through the run's process group (see StopRequests), rank 0 wri
 checkpoint, and then SIGUSR1 under SLURM requeues the job (as the reference does) while anything
 else exits cleanly.
 """
+import contextlib
 import fcntl
 import os
 import signal
@@ -95,6 +96,27 @@ class StopRequests:
             subprocess.run(['scontrol', 'requeue', job], check=False)
             return True
         return False
+
+
+@contextlib.contextmanager
+def stop_signals_end_it(is_main, what):
+    """For work that leaves nothing to resume from (evaluate.py --knn, minutes long): SIGTERM or
+    SIGUSR1 raises Stopped at once, after SIGUSR1 under SLURM has requeued the job (rank 0), and
+    the requeued job starts the work over."""
+    owner = os.getpid()
+
+    def handle(signum, frame):
+        if os.getpid() != owner:  # a forked data-loader worker: its parent decides
+            return
+        requeued = is_main and StopRequests.requeue_if_slurm(signum)
+        raise Stopped(f'stopped by signal {signum} during {what}; nothing to save, '
+                      + ('the requeued job starts it over' if requeued else 'run it again'))
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class RunLock:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import backbones
 import bench
 import distributed
+import evaluate
 import main
 import preemption
 from cli import InputError
@@ -364,6 +365,34 @@ def test_evaluate_one_task_per_gpu_requeues_on_sigusr1_and_resumes_at_the_step(t
     assert logged_steps(ckdir) == list(range(3 * ckpt['epoch'] + 3))
     assert load_state(ckdir / 'checkpoint.pth')['epoch'] == ckpt['epoch'] + 1
     assert calls(scontrol).count(f'requeue {JOB}') == 1
+
+
+def test_knn_evaluation_requeues_and_exits_on_sigusr1(tiny_imagefolder, tmp_path, scontrol,
+                                                      monkeypatch, capsys):
+    # kNN keeps nothing to resume from: the requeued job runs it again
+    backbone = tmp_path / 'resnet18.pth'
+    torch.save(backbones.build_backbone('resnet18', True)[0].state_dict(), backbone)
+    monkeypatch.setenv('SLURM_JOB_ID', JOB)
+
+    def ignore(signum, frame):  # without evaluate's handler the signal must not end the session
+        pass
+
+    def preempted_knn(info, args):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(10)  # interrupted by the signal's handler
+        raise AssertionError('SIGUSR1 did not stop the kNN evaluation')
+    monkeypatch.setattr(evaluate, 'knn_main', preempted_knn)
+    before = signal.signal(signal.SIGUSR1, ignore)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main([str(tiny_imagefolder), str(backbone), '--knn', '--arch', 'resnet18',
+                           '--cifar-stem', '--device', 'cpu', '--checkpoint-dir', str(tmp_path)])
+    finally:
+        restored = signal.signal(signal.SIGUSR1, before)
+    assert restored is ignore and exit_info.value.code == 0
+    assert 'during the kNN evaluation; nothing to save, the requeued job starts it over' in \
+        capsys.readouterr().err
+    assert calls(scontrol) == [f'requeue {JOB}']
 
 
 def test_batch_script_of_two_nodes_stops_at_once(tiny_imagefolder, tmp_path, scontrol,
