@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import torch
@@ -90,11 +91,22 @@ class StopRequests:
 
     @staticmethod
     def requeue_if_slurm(signum):
-        """After SIGUSR1 under SLURM: put the job back in the queue (the reference's behaviour)."""
+        """After SIGUSR1 under SLURM: put the job back in the queue (the reference's behaviour).
+        True if scontrol did; a failure is a warning (the checkpoint is saved either way)."""
         job = os.environ.get('SLURM_JOB_ID')
-        if signum == signal.SIGUSR1 and job:
-            subprocess.run(['scontrol', 'requeue', job], check=False)
-            return True
+        if signum != signal.SIGUSR1 or not job:
+            return False
+        try:
+            result = subprocess.run(['scontrol', 'requeue', job], capture_output=True, text=True)
+        except OSError as e:
+            reason = str(e)
+        else:
+            if result.returncode == 0:
+                return True
+            reason = (result.stderr.strip().splitlines() or
+                      [f'exit status {result.returncode}'])[-1]
+        print(f'warning: scontrol requeue {job} failed ({reason}); resubmit the job to continue',
+              file=sys.stderr, flush=True)
         return False
 
 

@@ -395,6 +395,19 @@ def test_knn_evaluation_requeues_and_exits_on_sigusr1(tiny_imagefolder, tmp_path
     assert calls(scontrol) == [f'requeue {JOB}']
 
 
+def test_failed_requeue_is_a_warning_not_a_success(scontrol, monkeypatch, capsys):
+    scontrol.parent.joinpath('bin', 'scontrol').write_text(
+        '#!/bin/sh\necho "scontrol: error: Job is not requeueable" >&2\nexit 1\n')
+    monkeypatch.setenv('SLURM_JOB_ID', JOB)
+    assert preemption.StopRequests.requeue_if_slurm(signal.SIGUSR1) is False
+    assert capsys.readouterr().err == (f'warning: scontrol requeue {JOB} failed (scontrol: error: '
+                                       'Job is not requeueable); resubmit the job to continue\n')
+    assert preemption.StopRequests.requeue_if_slurm(signal.SIGTERM) is False  # nothing to do
+    monkeypatch.setenv('PATH', '/nonexistent')
+    assert preemption.StopRequests.requeue_if_slurm(signal.SIGUSR1) is False
+    assert 'No such file' in capsys.readouterr().err
+
+
 def test_batch_script_of_two_nodes_stops_at_once(tiny_imagefolder, tmp_path, scontrol,
                                                  monkeypatch, capsys):
     env = task_env(0, distributed.free_port())
