@@ -286,7 +286,7 @@ def start_tasks(script, argv, nnodes=2, per_node=1):
             for rank in range(nnodes * per_node)]
 
 
-def finish(procs, timeout=150):
+def finish(procs, timeout=300):
     outputs = []
     for p in procs:
         try:
@@ -294,11 +294,12 @@ def finish(procs, timeout=150):
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError('a node did not finish') from None
+            errors = [q.communicate()[1][-2000:] for q in procs[len(outputs):]]
+            raise AssertionError(f'a task did not finish in {timeout} s: {errors}') from None
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
-def wait_for_steps(path, count, procs, timeout=150):
+def wait_for_steps(path, count, procs, timeout=300):
     deadline = time.monotonic() + timeout
     while not (path.exists() and path.read_text().count('"step"') >= count):
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
