@@ -254,6 +254,7 @@ class Run:
     probe: OnlineProbe = None
     knn_loaders: tuple = None
     augment: nn.Module = None  # --fast-augment's device half
+    health: 'StepHealth' = None
     start_time: float = dataclasses.field(default_factory=time.time)
     last_save: float = dataclasses.field(default_factory=time.time)
 
@@ -315,7 +316,8 @@ def build_run(info, args):
     run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress,
               StopRequests(info.world_size), probe, knn.build_monitor_loaders(args, info),
               FastTwoViews(args.blur_prob, args.solarize_prob).to(info.device)
-              if args.fast_augment else None)
+              if args.fast_augment else None,
+              StepHealth(info.device, scaler.is_enabled()))
     if info.is_main:
         print_provenance(run)
     return run, start_epoch, start_step
@@ -340,8 +342,6 @@ def train_one_epoch(run, epoch, first_step=0):
     args, info = run.args, run.info
     autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(run.precision)
     grad_factor = gradient_factor(args, info.world_size)
-    # First step with a non-finite loss, kept on the device so no step waits for the host.
-    bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
     start_epoch_of_loader(run, epoch, first_step)
     steps = run.steps_per_epoch
     for step, ((y1, y2), labels) in enumerate(run.loader, start=epoch * steps + first_step):
@@ -352,16 +352,16 @@ def train_one_epoch(run, epoch, first_step=0):
                             enabled=autocast_dtype is not None):
             loss, features = run.model.forward(y1, y2, return_features=True)
         run.scaler.scale(loss if grad_factor == 1 else loss * grad_factor).backward()
+        scale = run.health.scale_before_step(run.scaler)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         if run.probe is not None:
             run.probe.step(features, labels.to(info.device, non_blocking=True))
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-        logged_loss = log_step(run, epoch, step, loss, bad_step) \
-            if step % args.print_freq == 0 else None
+        run.health.after_step(step, loss, run.scaler, scale)
+        logged_loss = log_step(run, epoch, step, loss) if step % args.print_freq == 0 else None
         run.progress.step(logged_loss)
-        between_steps(run, epoch, step + 1 - epoch * steps, bad_step)
-    stop_if_non_finite(bad_step, args)
+        between_steps(run, epoch, step + 1 - epoch * steps)
+    stop_if_non_finite(run.health, args)
     run.progress.end_epoch()
     report_skipped_images(run, epoch)
 
@@ -374,7 +374,7 @@ def start_epoch_of_loader(run, epoch, first_step):
     run.progress.done = first_step
 
 
-def between_steps(run, epoch, steps_done, bad_step):
+def between_steps(run, epoch, steps_done):
     """Mid-epoch checkpoints on --checkpoint-every, and stopping on SIGTERM/SIGUSR1."""
     every = run.args.checkpoint_every
     # (at an epoch's last step the end-of-epoch checkpoint follows anyway)
@@ -384,7 +384,7 @@ def between_steps(run, epoch, steps_done, bad_step):
     if not (signum or due):
         return
     # never checkpoint a diverged model (every rank checks: with --rollbacks all go back)
-    stop_if_non_finite(bad_step, run.args)
+    stop_if_non_finite(run.health, run.args)
     stop_if_weights_non_finite(run, epoch * run.steps_per_epoch + steps_done - 1)
     if run.info.is_main:
         save_checkpoint(run, epoch, steps_done)
@@ -414,22 +414,79 @@ def views_to_device(run, y1, y2, step):
     return y1.to(memory_format=run.memory_format), y2.to(memory_format=run.memory_format)
 
 
-def log_step(run, epoch, step, loss, bad_step):
-    """Every --print-freq steps: the reference's JSON stats line (plus the probe's accuracy)."""
-    stop_if_non_finite(bad_step, run.args)
+def log_step(run, epoch, step, loss):
+    """Every --print-freq steps: the reference's JSON stats line (plus the probe's accuracy, and
+    with the fp16 gradient scaler the number of updates it skipped since the last line)."""
+    stop_if_non_finite(run.health, run.args)
     stats = dict(epoch=epoch, step=step,
                  lr_weights=run.optimizer.param_groups[0]['lr'],
                  lr_biases=run.optimizer.param_groups[-1]['lr'],
                  loss=loss.item(), time=int(time.time() - run.start_time))
+    if run.scaler.is_enabled():
+        stats['skipped_steps'] = run.health.take_skipped()
     if run.probe is not None:
         stats['online_acc1'] = run.probe.top1()  # a collective: every rank gets here
     run.log.write(stats, step)
     return stats['loss']
 
 
+# With the fp16 gradient scaler (the reference's setting) a step whose loss or gradients are not
+# finite is skipped and the scale halved, and training goes on, as in the reference. Only this
+# many skipped steps in a row stop the run (or roll it back): by then the scale fell by 2**20
+# (from its initial 2**16 to 1/16, so gradients that still overflow are not a matter of scale),
+# and 20 different batches failed with the same weights, which therefore are broken. A healthy
+# run skips a handful of steps at the start while the scale settles, then about one in 2000
+# (each time the scaler tries a larger scale), never 20 in a row. 20 steps are 3% of an ImageNet
+# epoch at batch 2048.
+SKIPPED_STEPS_LIMIT = 20
+
+
+class StepHealth:
+    """Non-finite steps, counted on the device: no step waits for the host to look.
+
+    Without a gradient scaler (fp32, bf16) a non-finite loss means the update was applied with
+    non-finite gradients: the first one is divergence. With the scaler, divergence is
+    SKIPPED_STEPS_LIMIT steps skipped in a row (a step is skipped when the scaler lowered its
+    scale, i.e. found non-finite gradients, or when its loss was not finite).
+    """
+
+    def __init__(self, device, scaled):
+        self.limit = SKIPPED_STEPS_LIMIT if scaled else 1
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+
+    @staticmethod
+    def scale_before_step(scaler):
+        # GradScaler.update() lowers its scale tensor in place exactly when it skipped the step;
+        # the public get_scale() would read it back to the host
+        return scaler._scale.clone() if scaler.is_enabled() else None
+
+    def after_step(self, step, loss, scaler, scale_before):
+        bad = ~torch.isfinite(loss.detach())
+        if scale_before is not None:
+            skipped = scaler._scale < scale_before
+            self.skipped += skipped
+            bad = bad | skipped
+        self.in_a_row = torch.where(bad, self.in_a_row + 1, 0)
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & (self.in_a_row >= self.limit),
+                                          step, self.first_bad_step)
+
+    def take_skipped(self):
+        count = int(self.skipped.item())
+        self.skipped.zero_()
+        return count
+
+    def reset(self):
+        self.first_bad_step.fill_(-1)
+        self.in_a_row.zero_()
+        self.skipped.zero_()
+
+
 class Diverged(InputError):
-    """The loss was NaN or infinite at `step`, or the weights were after it (the same step on
-    every rank: the loss is global, the weights are the same everywhere)."""
+    """The loss was NaN or infinite at `step` (for SKIPPED_STEPS_LIMIT steps in a row, up to
+    `step`, with the gradient scaler), or the weights were after it (the same step on every
+    rank: the loss is global, the weights are the same everywhere)."""
 
     def __init__(self, step, args, what='loss at'):
         hint = 'a lower learning rate or --precision fp32' if args.rollbacks else \
@@ -439,10 +496,14 @@ class Diverged(InputError):
         self.step, self.what = step, what
 
 
-def stop_if_non_finite(bad_step, args):
-    step = int(bad_step.item())
-    if step >= 0:
-        raise Diverged(step, args)
+def stop_if_non_finite(health, args):
+    step = int(health.first_bad_step.item())
+    if step < 0:
+        return
+    if health.limit > 1:
+        raise Diverged(step, args, what=f'loss or gradients in {health.limit} skipped steps in '
+                                        f'a row, up to')
+    raise Diverged(step, args)
 
 
 def stop_if_weights_non_finite(run, step):
@@ -469,6 +530,7 @@ def roll_back(run, error):
     # resume() also restores lr_scale and rollbacks_done: the checkpoint holds the current ones,
     # as every rollback rewrites it below before training goes on
     epoch, step = resume(args, run.model, run.optimizer, run.scaler, run.probe)
+    run.health.reset()
     args.lr_scale *= args.rollback_lr_factor
     args.rollbacks_done += 1
     if run.probe is not None:
