@@ -881,11 +881,9 @@ class LARS(optim.Optimizer):
         adapted = [i for i, p in enumerate(params)
                    if not self._skips(g['lars_adaptation_filter'], p)]
         if adapted:
-            param_norm = torch.stack(torch._foreach_norm([params[i] for i in adapted]))
-            update_norm = torch.stack(torch._foreach_norm([updates[i] for i in adapted]))
-            q = torch.where((param_norm > 0) & (update_norm > 0),
-                            g['eta'] * param_norm / update_norm, torch.ones_like(param_norm))
-            scaled = torch._foreach_mul([updates[i] for i in adapted], list(q.unbind()))
+            adapted_updates = [updates[i] for i in adapted]
+            scaled = self._trust_ratios([params[i] for i in adapted], adapted_updates, g['eta'])
+            torch._foreach_mul_(scaled, adapted_updates)  # ratio * update, in the ratios' memory
             for i, u in zip(adapted, scaled):
                 updates[i] = u
         for p in params:
@@ -895,6 +893,41 @@ class LARS(optim.Optimizer):
         torch._foreach_mul_(mus, g['momentum'])
         torch._foreach_add_(mus, updates)
         torch._foreach_add_(params, mus, alpha=-g['lr'])
+
+    def _trust_ratios(self, params, updates, eta):
+        """Each update's trust ratio, in a new tensor of the update's own shape and strides.
+
+        CUDA's multi-tensor kernels take a list pair only when corresponding tensors have equal
+        sizes and strides and each is dense and non-overlapping (torch 2.14.1's
+        ATen/native/ForeachUtils.h: _check_tensors_share_device_and_dtype, line 113, and
+        _check_tensors_share_sizes_and_strides, lines 123-151, both called by
+        check_fast_path_restrictions, line 198); otherwise foreach_tensor_mul_list_kernel_cuda
+        (ATen/native/cuda/ForeachBinaryOpList.cu, FOREACH_BINARY_OP_LIST) falls back to one
+        kernel per tensor. So neither a list of 0-d ratios nor stride-0 expanded views of them
+        qualify: the ratios are written out into one flat buffer as long as the updates together
+        (an index_select), whose slices are viewed with each update's strides. Memory: 4 bytes
+        per element for the buffer (which then holds the scaled updates) and, while it is
+        written, 4 for the int32 index.
+        """
+        param_norm = torch.stack(torch._foreach_norm(params))  # (n,)
+        update_norm = torch.stack(torch._foreach_norm(updates))
+        q = torch.where((param_norm > 0) & (update_norm > 0), eta * param_norm / update_norm,
+                        torch.ones_like(param_norm)).to(updates[0].dtype)
+        sizes = [u.numel() for u in updates]
+        # (total,): tensor i's index repeated numel_i times; output_size given, so no read-back
+        index = torch.repeat_interleave(self._segment_lengths(sizes, q.device),
+                                        output_size=sum(sizes))
+        flat = q.index_select(0, index)
+        return [part.as_strided(u.shape, u.stride())
+                for part, u in zip(flat.split(sizes), updates)]
+
+    def _segment_lengths(self, sizes, device):
+        # One small host-to-device copy per parameter group, never a read-back.
+        cache = self.__dict__.setdefault('_segment_cache', {})
+        key = (tuple(sizes), device)
+        if key not in cache:
+            cache[key] = torch.tensor(sizes, dtype=torch.int32, device=device)
+        return cache[key]
 
 
 class GaussianBlur(object):
