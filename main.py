@@ -576,7 +576,9 @@ def print_provenance(run):
 
 def build_model_and_optimizer(args, info):
     model = BarlowTwins(args).to(info.device)
-    model = distributed.convert_global_batchnorm(model)
+    # compiled on several GPUs: global BatchNorm that torch.compile traces without graph breaks
+    model = distributed.convert_global_batchnorm(
+        model, traceable=getattr(args, 'compile', False) and info.world_size > 1)
     # Two groups as in the reference: weights (ndim > 1) and biases/BatchNorm (ndim == 1); the
     # earlier release (--learning-rate) had one group over model.parameters().
     if args.learning_rate is not None:
