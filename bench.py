@@ -3,6 +3,7 @@
     python bench.py                      # training step: reference settings vs --fast settings
     python bench.py --data               # + input pipeline images/s per worker process
     python bench.py --batch-size 256 --steps 20 --settings reference fast   # on a GPU
+    python bench.py --knn-memory         # kNN peak memory per rank for ImageNet on 8 ranks
 
 The training step uses synthetic tensors (ResNet-50, 8192-8192-8192 projector, 224 px, batch 256
 per device by default on a GPU; smaller defaults on a CPU, printed with the results). "reference"
@@ -14,6 +15,7 @@ Printed as a table with ratios to the first setting; peak memory is the device's
 (CUDA) or the process's peak resident set (CPU).
 """
 import argparse
+import math
 import platform
 import resource
 import shutil
@@ -30,6 +32,7 @@ import torchvision
 
 import augmentations
 import distributed
+import knn
 import main as pretrain
 import pack
 from backbones import ARCHS
@@ -66,6 +69,9 @@ def get_arguments():
                         choices=sorted(SETTINGS))
     parser.add_argument('--data', action='store_true',
                         help='also measure the input pipeline (see bench_data)')
+    parser.add_argument('--knn-memory', action='store_true',
+                        help='only print the kNN evaluation\'s peak memory per rank for an '
+                             'ImageNet-sized bank (see knn_memory_table)')
     parser.add_argument('--images', default=None,
                         help='an ImageFolder DIR for --data (default: 200 generated 500x375 JPEGs)')
     return parser
@@ -253,8 +259,42 @@ def bench_data(images, crop_size):
           f'(on a GPU it costs the workers nothing).')
 
 
+def gathered_bank_peak_bytes(bank_size, dim, world_size, query_count, autocast_bytes,
+                             chunk_size=256):
+    """Peak bytes per rank of the kNN evaluation before the bank was sharded (knn.py up to
+    commit 09e734a): every rank extracted its shard in fp32 (a list of batches, then one
+    concatenated copy), all-gathered it through a padded copy and world_size received parts
+    into a full fp32 bank, and under autocast every chunk of queries cast the whole bank again.
+    """
+    shard = math.ceil(bank_size / world_size) * dim * 4
+    bank = bank_size * dim * 4
+    gather = shard + shard + world_size * shard + bank  # local, padded, parts, reassembled
+    queries = math.ceil(query_count / world_size) * dim * 4
+    recast = bank_size * dim * autocast_bytes if autocast_bytes != 4 else 0
+    scoring = bank + queries + recast + chunk_size * bank_size * autocast_bytes
+    return max(2 * shard, gather, scoring)
+
+
+def knn_memory_table(bank_size=1_281_167, dim=2048, world_size=8, query_count=50_000):
+    """Peak memory per rank of `evaluate.py --knn` (fp32) and the fp16 kNN monitor, for
+    ImageNet's train set as the bank and its val set as queries, before and after sharding."""
+    print(f'\nkNN evaluation: bank {bank_size:,} x {dim}, {query_count:,} queries, {world_size} '
+          f'ranks, k = {max(knn.KNN_KS)}, peak memory per rank (GiB, from the code\'s shapes; '
+          f'the backbone\'s activations for one batch come on top)')
+    print('| compute dtype | bank gathered on every rank (before) | bank sharded (now) | ratio |')
+    print('|---|---|---|---|')
+    for name, size in (('fp32 (evaluate.py --knn)', 4), ('fp16 (--knn-every under fp16)', 2)):
+        before = gathered_bank_peak_bytes(bank_size, dim, world_size, query_count, size)
+        after = knn.peak_bytes_per_rank(bank_size, dim, world_size, query_count, size)
+        print(f'| {name} | {before / 2**30:.2f} | {after / 2**30:.2f} | {before / after:.1f}x |')
+
+
 def main(argv=None):
     args = get_arguments().parse_args(argv)
+    if args.knn_memory:
+        print(f'# bench.py {" ".join(sys.argv[1:] if argv is None else argv)}')
+        knn_memory_table()
+        return
     device = torch.device('cuda', 0) if distributed.choose_device_type(args.device) == 'cuda' \
         else torch.device('cpu')
     gpu = device.type == 'cuda'

@@ -370,12 +370,16 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
-def convert_global_batchnorm(module):
+def convert_global_batchnorm(module, traceable=False):
     """Replace every BatchNorm layer with one whose statistics are global across ranks.
 
-    CUDA: nn.SyncBatchNorm (as the reference). CPU: GlobalBatchNorm. State-dict keys are unchanged.
+    CUDA: nn.SyncBatchNorm (as the reference), unless `traceable` (torch.compile with more than
+    one process): its autograd function drops empty ranks' statistics with boolean masks
+    (`count_all[mask]`, torch/nn/modules/_functions.py, torch 2.14.1 lines 97-100), a shape
+    that depends on values, so torch.compile breaks the graph at every layer. GlobalBatchNorm's
+    collectives trace. CPU: GlobalBatchNorm. State-dict keys are unchanged.
     """
-    if any(p.is_cuda for p in module.parameters()):
+    if any(p.is_cuda for p in module.parameters()) and not traceable:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _convert_to_global(module)
 

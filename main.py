@@ -254,6 +254,7 @@ class Run:
     probe: OnlineProbe = None
     knn_loaders: tuple = None
     augment: nn.Module = None  # --fast-augment's device half
+    health: 'StepHealth' = None
     start_time: float = dataclasses.field(default_factory=time.time)
     last_save: float = dataclasses.field(default_factory=time.time)
 
@@ -312,7 +313,8 @@ def build_run(info, args):
               StopRequests(info.world_size, info.device), probe,
               knn.build_monitor_loaders(args, info),
               FastTwoViews(args.blur_prob, args.solarize_prob).to(info.device)
-              if args.fast_augment else None)
+              if args.fast_augment else None,
+              StepHealth(info.device, scaler.is_enabled()))
     if info.is_main:
         print_provenance(run)
     return run, start_epoch, start_step
@@ -337,8 +339,6 @@ def train_one_epoch(run, epoch, first_step=0):
     args, info = run.args, run.info
     autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(run.precision)
     grad_factor = gradient_factor(args, info.world_size)
-    # First step with a non-finite loss, kept on the device so no step waits for the host.
-    bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
     start_epoch_of_loader(run, epoch, first_step)
     steps = run.steps_per_epoch
     for step, ((y1, y2), labels) in enumerate(run.loader, start=epoch * steps + first_step):
@@ -349,16 +349,16 @@ def train_one_epoch(run, epoch, first_step=0):
                             enabled=autocast_dtype is not None):
             loss, features = run.model.forward(y1, y2, return_features=True)
         run.scaler.scale(loss if grad_factor == 1 else loss * grad_factor).backward()
+        scale = run.health.scale_before_step(run.scaler)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         if run.probe is not None:
             run.probe.step(features, labels.to(info.device, non_blocking=True))
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-        logged_loss = log_step(run, epoch, step, loss, bad_step) \
-            if step % args.print_freq == 0 else None
+        run.health.after_step(step, loss, run.scaler, scale)
+        logged_loss = log_step(run, epoch, step, loss) if step % args.print_freq == 0 else None
         run.progress.step(logged_loss)
-        between_steps(run, epoch, step + 1 - epoch * steps, bad_step)
-    stop_if_non_finite(bad_step, args)
+        between_steps(run, epoch, step + 1 - epoch * steps)
+    stop_if_non_finite(run.health, args)
     run.progress.end_epoch()
     report_skipped_images(run, epoch)
 
@@ -371,7 +371,7 @@ def start_epoch_of_loader(run, epoch, first_step):
     run.progress.done = first_step
 
 
-def between_steps(run, epoch, steps_done, bad_step):
+def between_steps(run, epoch, steps_done):
     """Mid-epoch checkpoints on --checkpoint-every, and stopping on SIGTERM/SIGUSR1."""
     every = run.args.checkpoint_every
     # (at an epoch's last step the end-of-epoch checkpoint follows anyway)
@@ -381,7 +381,7 @@ def between_steps(run, epoch, steps_done, bad_step):
     if not (signum or due):
         return
     # never checkpoint a diverged model (every rank checks: with --rollbacks all go back)
-    stop_if_non_finite(bad_step, run.args)
+    stop_if_non_finite(run.health, run.args)
     stop_if_weights_non_finite(run, epoch * run.steps_per_epoch + steps_done - 1)
     if run.info.is_main:
         save_checkpoint(run, epoch, steps_done)
@@ -414,22 +414,79 @@ def views_to_device(run, y1, y2, step):
     return y1.to(memory_format=run.memory_format), y2.to(memory_format=run.memory_format)
 
 
-def log_step(run, epoch, step, loss, bad_step):
-    """Every --print-freq steps: the reference's JSON stats line (plus the probe's accuracy)."""
-    stop_if_non_finite(bad_step, run.args)
+def log_step(run, epoch, step, loss):
+    """Every --print-freq steps: the reference's JSON stats line (plus the probe's accuracy, and
+    with the fp16 gradient scaler the number of updates it skipped since the last line)."""
+    stop_if_non_finite(run.health, run.args)
     stats = dict(epoch=epoch, step=step,
                  lr_weights=run.optimizer.param_groups[0]['lr'],
                  lr_biases=run.optimizer.param_groups[-1]['lr'],
                  loss=loss.item(), time=int(time.time() - run.start_time))
+    if run.scaler.is_enabled():
+        stats['skipped_steps'] = run.health.take_skipped()
     if run.probe is not None:
         stats['online_acc1'] = run.probe.top1()  # a collective: every rank gets here
     run.log.write(stats, step)
     return stats['loss']
 
 
+# With the fp16 gradient scaler (the reference's setting) a step whose loss or gradients are not
+# finite is skipped and the scale halved, and training goes on, as in the reference. Only this
+# many skipped steps in a row stop the run (or roll it back): by then the scale fell by 2**20
+# (from its initial 2**16 to 1/16, so gradients that still overflow are not a matter of scale),
+# and 20 different batches failed with the same weights, which therefore are broken. A healthy
+# run skips a handful of steps at the start while the scale settles, then about one in 2000
+# (each time the scaler tries a larger scale), never 20 in a row. 20 steps are 3% of an ImageNet
+# epoch at batch 2048.
+SKIPPED_STEPS_LIMIT = 20
+
+
+class StepHealth:
+    """Non-finite steps, counted on the device: no step waits for the host to look.
+
+    Without a gradient scaler (fp32, bf16) a non-finite loss means the update was applied with
+    non-finite gradients: the first one is divergence. With the scaler, divergence is
+    SKIPPED_STEPS_LIMIT steps skipped in a row (a step is skipped when the scaler lowered its
+    scale, i.e. found non-finite gradients, or when its loss was not finite).
+    """
+
+    def __init__(self, device, scaled):
+        self.limit = SKIPPED_STEPS_LIMIT if scaled else 1
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+
+    @staticmethod
+    def scale_before_step(scaler):
+        # GradScaler.update() lowers its scale tensor in place exactly when it skipped the step;
+        # the public get_scale() would read it back to the host
+        return scaler._scale.clone() if scaler.is_enabled() else None
+
+    def after_step(self, step, loss, scaler, scale_before):
+        bad = ~torch.isfinite(loss.detach())
+        if scale_before is not None:
+            skipped = scaler._scale < scale_before
+            self.skipped += skipped
+            bad = bad | skipped
+        self.in_a_row = torch.where(bad, self.in_a_row + 1, 0)
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & (self.in_a_row >= self.limit),
+                                          step, self.first_bad_step)
+
+    def take_skipped(self):
+        count = int(self.skipped.item())
+        self.skipped.zero_()
+        return count
+
+    def reset(self):
+        self.first_bad_step.fill_(-1)
+        self.in_a_row.zero_()
+        self.skipped.zero_()
+
+
 class Diverged(InputError):
-    """The loss was NaN or infinite at `step`, or the weights were after it (the same step on
-    every rank: the loss is global, the weights are the same everywhere)."""
+    """The loss was NaN or infinite at `step` (for SKIPPED_STEPS_LIMIT steps in a row, up to
+    `step`, with the gradient scaler), or the weights were after it (the same step on every
+    rank: the loss is global, the weights are the same everywhere)."""
 
     def __init__(self, step, args, what='loss at'):
         hint = 'a lower learning rate or --precision fp32' if args.rollbacks else \
@@ -439,10 +496,14 @@ class Diverged(InputError):
         self.step, self.what = step, what
 
 
-def stop_if_non_finite(bad_step, args):
-    step = int(bad_step.item())
-    if step >= 0:
-        raise Diverged(step, args)
+def stop_if_non_finite(health, args):
+    step = int(health.first_bad_step.item())
+    if step < 0:
+        return
+    if health.limit > 1:
+        raise Diverged(step, args, what=f'loss or gradients in {health.limit} skipped steps in '
+                                        f'a row, up to')
+    raise Diverged(step, args)
 
 
 def stop_if_weights_non_finite(run, step):
@@ -469,6 +530,7 @@ def roll_back(run, error):
     # resume() also restores lr_scale and rollbacks_done: the checkpoint holds the current ones,
     # as every rollback rewrites it below before training goes on
     epoch, step = resume(args, run.model, run.optimizer, run.scaler, run.probe)
+    run.health.reset()
     args.lr_scale *= args.rollback_lr_factor
     args.rollbacks_done += 1
     if run.probe is not None:
@@ -514,7 +576,9 @@ def print_provenance(run):
 
 def build_model_and_optimizer(args, info):
     model = BarlowTwins(args).to(info.device)
-    model = distributed.convert_global_batchnorm(model)
+    # compiled on several GPUs: global BatchNorm that torch.compile traces without graph breaks
+    model = distributed.convert_global_batchnorm(
+        model, traceable=getattr(args, 'compile', False) and info.world_size > 1)
     # Two groups as in the reference: weights (ndim > 1) and biases/BatchNorm (ndim == 1); the
     # earlier release (--learning-rate) had one group over model.parameters().
     if args.learning_rate is not None:
@@ -819,11 +883,9 @@ class LARS(optim.Optimizer):
         adapted = [i for i, p in enumerate(params)
                    if not self._skips(g['lars_adaptation_filter'], p)]
         if adapted:
-            param_norm = torch.stack(torch._foreach_norm([params[i] for i in adapted]))
-            update_norm = torch.stack(torch._foreach_norm([updates[i] for i in adapted]))
-            q = torch.where((param_norm > 0) & (update_norm > 0),
-                            g['eta'] * param_norm / update_norm, torch.ones_like(param_norm))
-            scaled = torch._foreach_mul([updates[i] for i in adapted], list(q.unbind()))
+            adapted_updates = [updates[i] for i in adapted]
+            scaled = self._trust_ratios([params[i] for i in adapted], adapted_updates, g['eta'])
+            torch._foreach_mul_(scaled, adapted_updates)  # ratio * update, in the ratios' memory
             for i, u in zip(adapted, scaled):
                 updates[i] = u
         for p in params:
@@ -833,6 +895,41 @@ class LARS(optim.Optimizer):
         torch._foreach_mul_(mus, g['momentum'])
         torch._foreach_add_(mus, updates)
         torch._foreach_add_(params, mus, alpha=-g['lr'])
+
+    def _trust_ratios(self, params, updates, eta):
+        """Each update's trust ratio, in a new tensor of the update's own shape and strides.
+
+        CUDA's multi-tensor kernels take a list pair only when corresponding tensors have equal
+        sizes and strides and each is dense and non-overlapping (torch 2.14.1's
+        ATen/native/ForeachUtils.h: _check_tensors_share_device_and_dtype, line 113, and
+        _check_tensors_share_sizes_and_strides, lines 123-151, both called by
+        check_fast_path_restrictions, line 198); otherwise foreach_tensor_mul_list_kernel_cuda
+        (ATen/native/cuda/ForeachBinaryOpList.cu, FOREACH_BINARY_OP_LIST) falls back to one
+        kernel per tensor. So neither a list of 0-d ratios nor stride-0 expanded views of them
+        qualify: the ratios are written out into one flat buffer as long as the updates together
+        (an index_select), whose slices are viewed with each update's strides. Memory: 4 bytes
+        per element for the buffer (which then holds the scaled updates) and, while it is
+        written, 4 for the int32 index.
+        """
+        param_norm = torch.stack(torch._foreach_norm(params))  # (n,)
+        update_norm = torch.stack(torch._foreach_norm(updates))
+        q = torch.where((param_norm > 0) & (update_norm > 0), eta * param_norm / update_norm,
+                        torch.ones_like(param_norm)).to(updates[0].dtype)
+        sizes = [u.numel() for u in updates]
+        # (total,): tensor i's index repeated numel_i times; output_size given, so no read-back
+        index = torch.repeat_interleave(self._segment_lengths(sizes, q.device),
+                                        output_size=sum(sizes))
+        flat = q.index_select(0, index)
+        return [part.as_strided(u.shape, u.stride())
+                for part, u in zip(flat.split(sizes), updates)]
+
+    def _segment_lengths(self, sizes, device):
+        # One small host-to-device copy per parameter group, never a read-back.
+        cache = self.__dict__.setdefault('_segment_cache', {})
+        key = (tuple(sizes), device)
+        if key not in cache:
+            cache[key] = torch.tensor(sizes, dtype=torch.int32, device=device)
+        return cache[key]
 
 
 class GaussianBlur(object):

@@ -2,6 +2,7 @@
 import re
 
 import bench
+import knn
 from test_augmentations import smooth_image
 
 
@@ -51,3 +52,20 @@ def test_time_pipelines_reports_both_paths(tmp_path):
     rates = bench.time_pipelines(paths, n=4, crop_size=32, batch_size=2)
     assert set(rates) == {'reference', 'fast_worker', 'fast_device_cpu'}
     assert all(r > 0 for r in rates.values())
+
+
+def test_knn_memory_table_before_and_after_sharding(capsys):
+    bench.main(['--knn-memory'])
+    out = capsys.readouterr().out
+    rows = table_rows(out, 'kNN evaluation: bank 1,281,167 x 2048, 50,000 queries, 8 ranks')
+    assert [r.split('|')[1].strip() for r in rows] == ['fp32 (evaluate.py --knn)',
+                                                       'fp16 (--knn-every under fp16)']
+    for row, dtype_bytes in zip(rows, (4, 2)):
+        before, after = (float(v) for v in row.split('|')[2:4])
+        # gathered: at least the full fp32 bank twice (received parts and reassembled copy)
+        assert before >= 2 * 1_281_167 * 2048 * 4 / 2**30
+        assert after == round(knn.peak_bytes_per_rank(1_281_167, 2048, 8, 50_000, dtype_bytes)
+                              / 2**30, 2)
+        # sharded: about an eighth of the bank in the compute dtype, not the whole bank
+        assert 1_281_167 * 2048 * dtype_bytes / 8 / 2**30 < after < 1.2 * (
+            1_281_167 * 2048 * dtype_bytes / 8 / 2**30)

@@ -428,10 +428,33 @@ def _sharded_worker(rank, port, out_dir):
     top1 = knn.knn_evaluate(nn.Identity(), data.make_eval_loader(bank_set, 2, 0, info),
                             data.make_eval_loader(query_set, 2, 0, info), info.device,
                             ks=(1, 3))
-    shard_loader = data.make_eval_loader(TensorDataset(torch.zeros(7)), 2, 0, info)
-    order = knn.gather_shards(torch.tensor(list(shard_loader.sampler)), shard_loader)
-    (out_dir / f'rank{rank}.json').write_text(json.dumps([acc, top1, order.tolist()]))
+    bank_set, query_set = random_knn_sets()
+    many_k = knn.knn_evaluate(nn.Identity(), data.make_eval_loader(bank_set, 8, 0, info),
+                              data.make_eval_loader(query_set, 8, 0, info), info.device,
+                              ks=RANDOM_KS, chunk_size=4)
+    (out_dir / f'rank{rank}.json').write_text(json.dumps([acc, top1, many_k]))
     dist.destroy_process_group()
+
+
+RANDOM_KS = (1, 5, 20, 200)  # 200 is more than the bank: capped
+
+
+def random_knn_sets():
+    """A deterministic bank of 51 rows (26 and 25 per rank on two) and 19 queries, 5 classes."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 8, generator=gen)
+    bank_labels = torch.arange(51) % 5
+    query_labels = torch.arange(19) * 3 % 5
+    bank = centres[bank_labels] + 1.5 * torch.randn(51, 8, generator=gen)
+    queries = centres[query_labels] + 1.5 * torch.randn(19, 8, generator=gen)
+    return TensorDataset(bank, bank_labels), TensorDataset(queries, query_labels)
+
+
+def single_process_top1(bank_set, query_set, ks):
+    bank, bank_labels = bank_set.tensors
+    queries, labels = query_set.tensors
+    return {str(k): 100.0 * int((knn.knn_predict(queries, bank, bank_labels, 5, k=k) == labels)
+                                 .sum()) / len(labels) for k in ks}
 
 
 def test_validation_on_all_ranks_counts_every_image_once(tmp_path):
@@ -443,8 +466,11 @@ def test_validation_on_all_ranks_counts_every_image_once(tmp_path):
 
     port = distributed.free_port()
     mp.spawn(_sharded_worker, (port, tmp_path), nprocs=2)
+    # the bank sharded over two ranks (each rank's k nearest merged) gives the same answers
+    expected = single_process_top1(*random_knn_sets(), RANDOM_KS)
+    assert len(set(expected.values())) > 1  # the ks disagree: a wrong merge would show
     for rank in range(2):
-        acc, knn, order = json.loads((tmp_path / f'rank{rank}.json').read_text())
-        assert order == list(range(7))  # shards reassembled in dataset order on every rank
+        acc, knn_top1, many_k = json.loads((tmp_path / f'rank{rank}.json').read_text())
         assert acc == pytest.approx([300 / 7, 600 / 7])  # 7 images, not 8 as with padding
-        assert knn == {'1': 60.0, '3': 60.0}
+        assert knn_top1 == {'1': 60.0, '3': 60.0}
+        assert many_k == expected

@@ -329,14 +329,59 @@ def test_fast_with_compile_trains_like_without_on_one_and_two_processes(tiny_ima
     b = load_state(tmp_path / 'compiled' / 'checkpoint.pth')['model']
     assert a.keys() == b.keys()
     # two processes: compiled modules inside DistributedDataParallel, global BatchNorm's
-    # collectives traced by the compiler
+    # collectives traced by the compiler: no graph break (dynamo's own counters), one graph
+    # each for backbone and projector (and the augmentation's device half)
     port = distributed.free_port()
-    mp.spawn(_two_process_worker,
-             (port, tiny_args(tiny_imagefolder, tmp_path / 'two', '--fast', epochs=1)), nprocs=2)
+    mp.spawn(_two_process_worker_counting_graph_breaks,
+             (port, tiny_args(tiny_imagefolder, tmp_path / 'two', '--fast', epochs=1), tmp_path),
+             nprocs=2)
     _, two = read_stats(tmp_path / 'two')
     assert [s['step'] for s in two] == [0, 1, 2]
     assert all(torch.isfinite(torch.tensor(s['loss'])) for s in two)
     assert load_state(tmp_path / 'two' / 'checkpoint.pth')['model'].keys() == a.keys()
+    for rank in range(2):
+        counts = json.loads((tmp_path / f'dynamo{rank}.json').read_text())
+        print(f'rank {rank}: dynamo graph breaks {counts["graph_break"]}, '
+              f'{counts["unique_graphs"]} graphs')
+        assert counts['graph_break'] == {} and counts['unique_graphs'] >= 2
+
+
+def _two_process_worker_counting_graph_breaks(rank, port, argv, out_dir):
+    from torch._dynamo.utils import counters
+    _two_process_worker(rank, port, argv)
+    (out_dir / f'dynamo{rank}.json').write_text(json.dumps(dict(
+        graph_break=dict(counters['graph_break']),
+        unique_graphs=counters['stats']['unique_graphs'])))
+
+
+def test_compile_on_several_gpus_uses_the_traceable_global_batchnorm(tiny_imagefolder,
+                                                                    tmp_path, monkeypatch):
+    # nn.SyncBatchNorm breaks torch.compile's graph at every layer; on CPU every multi-process
+    # run uses GlobalBatchNorm anyway, so what is checked here is the choice main.py asks for
+    chosen = []
+    convert = distributed.convert_global_batchnorm
+    monkeypatch.setattr(distributed, 'convert_global_batchnorm',
+                        lambda module, traceable=False: chosen.append(traceable) or
+                        convert(module, traceable))
+    monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel',
+                        lambda module, device_ids=None: module)  # no process group needed
+    for flags, world_size in (((), 2), (('--compile',), 1), (('--compile',), 2)):
+        args = main.parse_arguments(tiny_args(tiny_imagefolder, tmp_path / 'ck', *flags))
+        info = distributed.DistInfo(rank=0, local_rank=0, world_size=world_size,
+                                    device=torch.device('cpu'))
+        main.build_model_and_optimizer(args, info)
+    assert chosen == [False, False, True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_traceable_batchnorm_replaces_syncbatchnorm_on_cuda():
+    def bn_types(**kwargs):
+        module = distributed.convert_global_batchnorm(main.BarlowTwins(
+            backbone=torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
+            feature_dim=4, projector='8-8').cuda(), **kwargs)
+        return {type(m).__name__ for m in module.modules() if 'Norm' in type(m).__name__}
+    assert bn_types() == {'SyncBatchNorm'}
+    assert bn_types(traceable=True) == {'GlobalBatchNorm'}
 
 
 def test_compiled_model_keeps_parameter_names(tiny_imagefolder, tmp_path):

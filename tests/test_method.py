@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import main
 
@@ -370,3 +371,56 @@ def test_adjust_learning_rate_earlier_release_single_group(name):
     assert len(optimizer.param_groups) == 1
     assert optimizer.param_groups[0]['lr'] == \
         pytest.approx(0.2 * ref_schedule(STEPS[name], L, EPOCHS, BATCH), rel=1e-12, abs=0)
+
+
+class RecordAtenOps(TorchDispatchMode):
+    """The aten operations dispatched inside the mode, with their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+def lars_step_ops(tensor_count):
+    """The aten ops of one --lars-foreach step (after the first, which creates the buffers) of
+    a model with `tensor_count` parameter tensors: half weights of mixed shapes (one in
+    channels-last strides), half 1-D, in the two groups of build_model_and_optimizer."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 2, 2, 2), (5, 4), (7, 3, 1, 1), (2, 9)]
+    weights = [torch.randn(shapes[i % 4], generator=gen) for i in range(tensor_count // 2)]
+    weights[0] = weights[0].contiguous(memory_format=torch.channels_last)
+    biases = [torch.randn(i % 5 + 1, generator=gen) for i in range(tensor_count // 2)]
+    params = [nn.Parameter(t) for t in weights + biases]
+    opt = main.LARS([{'params': params[:len(weights)]}, {'params': params[len(weights):]}], lr=0.1,
+                    weight_decay=1e-4, weight_decay_filter=True, lars_adaptation_filter=True,
+                    foreach=True)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).as_strided(p.shape, p.stride())
+        if step == 0:
+            opt.step()
+    with RecordAtenOps() as mode:
+        opt.step()
+    return mode.calls
+
+
+def test_lars_foreach_launches_a_fixed_number_of_shape_matched_multi_tensor_ops():
+    # CUDA's multi-tensor kernels need paired lists of equal shapes and strides, each tensor
+    # dense; a kernel per tensor is what --lars-foreach is there to avoid
+    few, many = lars_step_ops(10), lars_step_ops(200)
+    kernels = [[func for func, _ in calls if not func.is_view] for calls in (few, many)]
+    assert kernels[0] == kernels[1]
+    foreach_calls = [(func, args) for func, args in many if func.__name__.startswith('_foreach')]
+    assert len(foreach_calls) >= 6
+    for func, args in foreach_calls:
+        lists = [a for a in args if isinstance(a, (list, tuple))]
+        assert all(len(lst) == len(lists[0]) for lst in lists), func
+        for tensors in zip(*lists):
+            assert all(t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+                       for t in tensors), func
+            assert len({(t.shape, t.stride()) for t in tensors}) == 1, \
+                (func, [(t.shape, t.stride()) for t in tensors])

@@ -161,16 +161,17 @@ def test_skip_bad_images_counts_them(tiny_imagefolder, tmp_path, capsys):
     assert (tmp_path / 'ck' / 'resnet18.pth').exists()
 
 
-def poison_loss(monkeypatch, from_call, while_lr_scale=1.0):
-    """The loss turns NaN from its `from_call`-th computation on (0-based), as long as the run's
-    learning rates are at `while_lr_scale` of the schedule (None: whatever they are)."""
+def poison_loss(monkeypatch, from_call, while_lr_scale=1.0, until_call=None):
+    """The loss turns NaN from its `from_call`-th computation on (0-based; up to, not including,
+    `until_call`), as long as the run's learning rates are at `while_lr_scale` of the schedule
+    (None: whatever they are)."""
     calls = []
     original = main.BarlowTwins.loss
 
     def loss(self, z1, z2):
         value = original(self, z1, z2)
         calls.append(None)
-        poisoned = len(calls) > from_call and \
+        poisoned = from_call < len(calls) <= (until_call or len(calls)) and \
             (while_lr_scale is None or self.args.lr_scale == while_lr_scale)
         return value * float('nan') if poisoned else value
 
@@ -347,3 +348,74 @@ def test_ranks_agree_on_a_checkpoint_that_one_of_them_finds_due(tmp_path):
     mp.spawn(_agree_worker, (port, tmp_path), nprocs=2)
     for rank in (0, 1):
         assert (tmp_path / f'rank{rank}').read_text() == repr([(0, True), (0, False)])
+
+
+
+def small_initial_scale(monkeypatch):
+    """A gradient scaler starting at 2**4: the default 2**16 makes this tiny model's fp16
+    gradients overflow in the first steps (skipped too, but not by the test's choice)."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(main.torch.amp, 'GradScaler',
+                        lambda *args, **kwargs: real(*args, init_scale=2.0 ** 4, **kwargs))
+
+
+def test_fp16_scaler_skips_non_finite_steps_and_goes_on(tiny_imagefolder, tmp_path, monkeypatch):
+    # the reference's GradScaler skips an update whose loss or gradients are not finite, and
+    # the run continues; the skipped updates are counted per logging interval
+    ckdir = tmp_path / 'ck'
+    small_initial_scale(monkeypatch)
+    with monkeypatch.context() as m:
+        poison_loss(m, from_call=2, until_call=4)  # steps 2 and 3
+        main.main(tiny_args(tiny_imagefolder, ckdir, '--precision', 'fp16', '--print-freq', '2'))
+    lines, stats = read_stats(ckdir)
+    assert not any('non-finite' in line for line in lines)
+    assert [s['step'] for s in stats] == [0, 2, 4]
+    # step 2's update counts in the line of step 2, step 3's in that of step 4
+    assert [s['skipped_steps'] for s in stats] == [0, 1, 1]
+    ckpt = load_state(ckdir / 'checkpoint.pth')
+    assert ckpt['epoch'] == 2 and ckpt['scaler']['scale'] == 2.0 ** 4 / 2 ** 2
+    assert (ckdir / 'resnet18.pth').exists()
+
+
+def test_fp16_scaler_stops_after_too_many_skipped_steps_in_a_row(tiny_imagefolder, tmp_path,
+                                                                 monkeypatch, capsys):
+    ckdir = tmp_path / 'ck'
+    small_initial_scale(monkeypatch)
+    monkeypatch.setattr(main, 'SKIPPED_STEPS_LIMIT', 2)
+    argv = tiny_args(tiny_imagefolder, ckdir, '--precision', 'fp16', epochs=1)
+    with monkeypatch.context() as m:
+        poison_loss(m, from_call=1)  # every step from step 1 on
+        with pytest.raises(SystemExit) as exit_info:
+            main.main(argv)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        'non-finite loss or gradients in 2 skipped steps in a row, up to step 2; stopping '
+        f'without saving, the last good checkpoint in {ckdir} is unchanged (try a lower '
+        'learning rate, --rollbacks or --precision fp32)')
+    assert not (ckdir / 'checkpoint.pth').exists()
+    # --rollbacks keeps its meaning: back to the last checkpoint (here the initial state)
+    (ckdir / 'stats.txt').unlink()
+    with monkeypatch.context() as m:
+        poison_loss(m, from_call=1)  # at full rates only
+        main.main(argv + ['--rollbacks', '1'])
+    lines, stats = read_stats(ckdir)
+    notes = [line for line in lines if ': rolled back to' in line]
+    assert len(notes) == 1 and notes[0].startswith(
+        'non-finite loss or gradients in 2 skipped steps in a row, up to step 2: rolled back')
+    # step 1 was skipped, logged, and the run went on to step 2
+    assert [(s['step'], s['skipped_steps']) for s in stats] == \
+        [(0, 0), (1, 1), (0, 0), (1, 0), (2, 0)]
+    ckpt = load_state(ckdir / 'checkpoint.pth')
+    assert (ckpt['epoch'], ckpt['lr_scale'], ckpt['rollbacks_done']) == (1, 0.5, 1)
+
+def test_fp32_stops_at_the_first_non_finite_loss(tiny_imagefolder, tmp_path, monkeypatch,
+                                                 capsys):
+    # no scaler: the update of a non-finite loss was applied, the weights are gone
+    ckdir = tmp_path / 'ck'
+    with monkeypatch.context() as m:
+        poison_loss(m, from_call=1, until_call=2)
+        with pytest.raises(SystemExit):
+            main.main(tiny_args(tiny_imagefolder, ckdir, epochs=1))
+    assert 'non-finite loss at step 1; stopping' in capsys.readouterr().err
+    lines, stats = read_stats(ckdir)
+    assert all('skipped_steps' not in s for s in stats)
