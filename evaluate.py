@@ -36,7 +36,8 @@ import distributed
 from augmentations import train_transform, val_transform
 from backbones import ARCHS, build_backbone, load_backbone_state
 from checkpoints import checkpoint_args, load_checkpoint_file, match_state_dict, save_atomic
-from cli import ArgumentParser, InputError, non_negative_int, positive_int, positive_ints
+from cli import (ArgumentParser, InputError, non_negative_float, non_negative_int, positive_float,
+                 positive_int, positive_ints)
 from data import align_classes, image_folder, make_eval_loader, seed_everything
 from knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
 from monitor import StatsLog
@@ -80,11 +81,11 @@ def get_arguments():
     parser.add_argument('--batch-size', default=256, type=positive_int, metavar='N',
                         help='global mini-batch size, divided over the processes (training and '
                              'validation)')
-    parser.add_argument('--lr-backbone', default=0.0, type=float, metavar='LR',
+    parser.add_argument('--lr-backbone', default=0.0, type=non_negative_float, metavar='LR',
                         help='backbone base learning rate (finetune only)')
-    parser.add_argument('--lr-classifier', default=0.3, type=float, metavar='LR',
+    parser.add_argument('--lr-classifier', default=0.3, type=non_negative_float, metavar='LR',
                         help='classifier base learning rate')
-    parser.add_argument('--weight-decay', default=1e-6, type=float, metavar='W',
+    parser.add_argument('--weight-decay', default=1e-6, type=non_negative_float, metavar='W',
                         help='weight decay')
     parser.add_argument('--print-freq', default=100, type=positive_int, metavar='N',
                         help='print frequency (steps)')
@@ -115,7 +116,7 @@ def get_arguments():
                              'set, or its subset, as the bank) and log {k: top-1}')
     parser.add_argument('--knn-k', default=KNN_KS, type=positive_ints, metavar='K[,K...]',
                         help='neighbour counts for --knn (default 20,200; capped at the bank size)')
-    parser.add_argument('--knn-temperature', default=KNN_TEMPERATURE, type=float, metavar='T',
+    parser.add_argument('--knn-temperature', default=KNN_TEMPERATURE, type=positive_float, metavar='T',
                         help='kNN vote weight exp(cosine similarity / T) (default 0.07)')
     parser.add_argument('--seed', default=0, type=int,
                         help='seed for the head initialisation, data order and augmentations')
@@ -133,8 +134,6 @@ def parse_arguments(argv=None):
         parser.error('--train-files selects a subset: give --train-percent 1 or 10 with it')
     if args.crop_size < 8:
         parser.error(f'--crop-size {args.crop_size} is too small (at least 8)')
-    if args.knn_temperature <= 0:
-        parser.error(f'--knn-temperature must be positive, got {args.knn_temperature}')
     if args.checkpoint_dir is None:
         args.checkpoint_dir = default_checkpoint_dir(args.weights, args.train_percent, args.knn)
     return args

@@ -33,8 +33,8 @@ from augmentations import (IMAGENET_MEAN, IMAGENET_STD, CropTransform, FastTwoVi
 from backbones import ARCHS, build_backbone
 from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint_file,
                          match_state_dict, remove_temporaries, save_atomic)
-from cli import (ArgumentParser, InputError, duration, non_negative_int, positive_int,
-                 unit_fraction)
+from cli import (ArgumentParser, InputError, duration, non_negative_float, non_negative_int,
+                 positive_float, positive_int, unit_fraction)
 from data import EpochSampler, SeededSamples, image_folder, make_demo_dataset, seed_everything
 from monitor import OnlineProbe, Progress, StatsLog
 from preemption import RunLock, StopRequests
@@ -59,19 +59,19 @@ def get_arguments():
                         help='number of total epochs to run')
     parser.add_argument('--batch-size', default=2048, type=positive_int, metavar='N',
                         help='global mini-batch size, divided over the processes')
-    parser.add_argument('--learning-rate-weights', default=None, type=float, metavar='LR',
+    parser.add_argument('--learning-rate-weights', default=None, type=non_negative_float, metavar='LR',
                         help='base learning rate for weights (default 0.2)')
-    parser.add_argument('--learning-rate-biases', default=None, type=float, metavar='LR',
+    parser.add_argument('--learning-rate-biases', default=None, type=non_negative_float, metavar='LR',
                         help='base learning rate for biases and batch norm parameters '
                              '(default 0.0048)')
-    parser.add_argument('--learning-rate', default=None, type=float, metavar='LR',
+    parser.add_argument('--learning-rate', default=None, type=non_negative_float, metavar='LR',
                         help='earlier release: one base learning rate for all parameters '
                              '(excludes --learning-rate-weights/--learning-rate-biases)')
-    parser.add_argument('--scale-loss', default=1.0, type=float, metavar='S',
+    parser.add_argument('--scale-loss', default=1.0, type=positive_float, metavar='S',
                         help='earlier release: multiply both loss terms by S (0.024 there)')
-    parser.add_argument('--weight-decay', default=1e-6, type=float, metavar='W',
+    parser.add_argument('--weight-decay', default=1e-6, type=non_negative_float, metavar='W',
                         help='weight decay')
-    parser.add_argument('--lambd', default=0.0051, type=float, metavar='L',
+    parser.add_argument('--lambd', default=0.0051, type=non_negative_float, metavar='L',
                         help='weight on off-diagonal terms')
     parser.add_argument('--projector', default='8192-8192-8192', type=str, metavar='MLP',
                         help='projector MLP')

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from cli import ArgumentParser, InputError, non_negative_int
+from cli import ArgumentParser, InputError, non_negative_int, positive_int
 from data import (PACK_FORMAT, PACK_SUFFIXES, PACK_VERSION, decode_rgb, import_tables,
                   open_pack, pack_split_group, read_strings)
 
@@ -49,7 +49,7 @@ def get_arguments():
                              '0 reads in the main process)')
     parser.add_argument('--skip-bad', action='store_true',
                         help='leave unreadable images out (listed at the end) instead of stopping')
-    parser.add_argument('--commit-every', type=int, default=1000, metavar='N',
+    parser.add_argument('--commit-every', type=positive_int, default=1000, metavar='N',
                         help='make progress durable every N images (default: 1000)')
     parser.add_argument('--check', type=Path, metavar='FILE',
                         help='instead of packing: check FILE and decode every image in it')
@@ -63,8 +63,6 @@ def main(argv=None):
         parser.error('--check FILE takes no DIR or output FILE')
     if args.check is None and args.output is None:
         parser.error('give the dataset folder DIR and the output FILE (or --check FILE)')
-    if args.workers < 0 or args.commit_every < 1:
-        parser.error('--workers must be >= 0 and --commit-every >= 1')
     try:
         if args.check is not None:
             check(args.check, args.workers)

@@ -290,6 +290,18 @@ CASES = [
     Case('unknown-flag', 'main', lambda t: main_args(t, '--learning_rate', '0.2'), 2,
          ['unrecognized arguments', '--learning_rate']).param(),
     Case('no-dir-no-demo', 'main', lambda t: main_args(t)[1:], 2, ['DIR']).param(),
+    # every float flag refuses what float() accepts but no run can use: nan, inf, out of range
+    *[Case(f'{flag[2:]}-{value}', 'main', lambda t, f=flag, v=value: main_args(t, f, v), 2,
+           [flag, value]).param()
+      for flag in ('--learning-rate-weights', '--learning-rate-biases', '--learning-rate',
+                   '--scale-loss', '--weight-decay', '--lambd')
+      for value in ('nan', 'inf', '-1')],
+    Case('scale-loss-0', 'main', lambda t: main_args(t, '--scale-loss', '0'), 2,
+         ['--scale-loss', '0']).param(),
+    Case('rollback-lr-factor-nan', 'main', lambda t: main_args(t, '--rollback-lr-factor', 'nan'),
+         2, ['--rollback-lr-factor', 'nan']).param(),
+    Case('checkpoint-every-inf', 'main', lambda t: main_args(t, '--checkpoint-every', 'inf'), 2,
+         ['--checkpoint-every', 'inf']).param(),
     # ---- main.py: the checkpoint directory ----
     Case('checkpoint-of-other-projector', 'main', lambda t: main_args(t, '--projector', '64-64'),
          1, ['checkpoint.pth', '--projector', '32-32', '64-64'], setup=copy_run,
@@ -349,6 +361,12 @@ CASES = [
     Case('train-files-nonexistent', 'evaluate',
          lambda t: eval_args(t, '--train-percent', '1', '--train-files', str(t.tmp / 'no.txt')), 1,
          ['--train-files', 'no.txt', 'does not exist']).param(),
+    *[Case(f'{flag[2:]}-{value}', 'evaluate', lambda t, f=flag, v=value: eval_args(t, f'{f}={v}'), 2,
+           [flag, value]).param()
+      for flag in ('--lr-backbone', '--lr-classifier', '--weight-decay', '--knn-temperature')
+      for value in ('nan', '-inf', '-0.5')],
+    Case('knn-temperature-0', 'evaluate', lambda t: eval_args(t, '--knn', '--knn-temperature', '0'),
+         2, ['--knn-temperature', '0']).param(),
     Case('train-percent-5', 'evaluate', lambda t: eval_args(t, '--train-percent', '5'), 2,
          ['--train-percent', '5']).param(),
     Case('garbage-checkpoint', 'evaluate', eval_args, 1,
@@ -410,6 +428,8 @@ CASES = [
          ['none.h5', 'does not exist']).param(),
     Case('negative-workers', 'pack', lambda t: pack_args(t, '--workers', '-1'), 2,
          ['--workers']).param(),
+    Case('commit-every-0', 'pack', lambda t: pack_args(t, '--commit-every', '0'), 2,
+         ['--commit-every', '0']).param(),
     Case('no-output-file', 'pack', lambda t: [str(t.data)], 2,
          ['output FILE']).param(),
     Case('legit-grey-cmyk-png', 'pack', pack_args, None, check=check_pack_legit,
