@@ -79,6 +79,7 @@ class RunLock:
     def acquire(self):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise InputError(f'cannot write to {self.path.parent}: {e.strerror or e}') from None
@@ -89,9 +90,15 @@ class RunLock:
             os.close(fd)
             raise InputError(f'{self.path.parent} is in use by another run ({holder}); wait for '
                              f'it to finish or use another --checkpoint-dir') from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f'pid {os.getpid()} on {socket.gethostname()} since '
-                     f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f'pid {os.getpid()} on {socket.gethostname()} since '
+                         f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode())
+        except OSError as e:  # a full disk: the directory could not take a checkpoint either
+            if created:
+                self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise InputError(f'cannot write to {self.path.parent}: {e.strerror or e}') from None
         self.fd = fd
         return self
 
