@@ -10,6 +10,7 @@ import itertools
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import weakref
@@ -342,17 +343,27 @@ class SeededSamples(torch.utils.data.Dataset):
 
 class EpochSampler(torch.utils.data.distributed.DistributedSampler):
     """DistributedSampler that can start an epoch after its first `start` samples (mid-epoch
-    resume: the remaining batches are exactly those an uninterrupted epoch would have had)."""
+    resume: the remaining batches are exactly those an uninterrupted epoch would have had) and
+    end it after `epoch_samples` (default: all `num_samples` of this rank)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.start = 0
+        self.epoch_samples = self.num_samples
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
+        return itertools.islice(super().__iter__(), self.start, self.epoch_samples)
 
     def __len__(self):
-        return self.num_samples - self.start
+        return max(0, self.epoch_samples - self.start)
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: SIGTERM and SIGINT go to the whole process group (scancel,
+    SLURM time limits, Ctrl-C); only the main process acts on them (it stops at the next step
+    and checkpoints), so a worker must not die of them first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def seed_everything(seed, epoch=None, rank=0):
@@ -397,5 +408,5 @@ def make_eval_loader(dataset, batch_size, workers, info):
     """A loader over this rank's ShardSampler shard, for validate() and the kNN features."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers,
-        pin_memory=info.device.type == 'cuda',
+        pin_memory=info.device.type == 'cuda', worker_init_fn=ignore_stop_signals,
         sampler=ShardSampler(len(dataset), info.rank, info.world_size))

@@ -38,7 +38,8 @@ from backbones import ARCHS, build_backbone, load_backbone_state
 from checkpoints import checkpoint_args, load_checkpoint_file, match_state_dict, save_atomic
 from cli import (ArgumentParser, InputError, non_negative_float, non_negative_int, positive_float,
                  positive_int, positive_ints)
-from data import align_classes, image_folder, make_eval_loader, seed_everything
+from data import (align_classes, ignore_stop_signals, image_folder, make_eval_loader,
+                  seed_everything)
 from knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
 from monitor import StatsLog
 
@@ -420,7 +421,7 @@ def build_loaders(args, info, train_set, val_set):
         train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=per_rank, num_workers=args.workers,
-        pin_memory=info.device.type == 'cuda', sampler=sampler)
+        pin_memory=info.device.type == 'cuda', sampler=sampler, worker_init_fn=ignore_stop_signals)
     return train_loader, make_eval_loader(val_set, per_rank, args.workers, info)
 
 

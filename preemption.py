@@ -1,8 +1,9 @@
 """Surviving interruptions: stop signals, one run per checkpoint directory, checkpoint cadence.
 
 SLURM sends SIGUSR1 shortly before a preemption or the time limit (sbatch --signal USR1@120) and
-SIGTERM on `scancel`; torchrun sends SIGTERM to its workers before an elastic restart. Either one
-only sets a flag here. The training loop polls it between steps; the ranks agree on it through a
+SIGTERM on `scancel`; torchrun sends SIGTERM to its workers before an elastic restart; Ctrl-C
+sends SIGINT. scancel and Ctrl-C signal the whole process group: DataLoader workers ignore both
+(data.ignore_stop_signals), so only the main process acts. Each one only sets a flag here. The training loop polls it between steps; the ranks agree on it through a
 small CPU collective (no GPU synchronisation), rank 0 writes a mid-epoch checkpoint, and then
 SIGUSR1 under SLURM requeues the job (as the reference does) while anything else exits cleanly.
 """
@@ -18,11 +19,13 @@ import torch.distributed as dist
 
 from cli import InputError
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT (Ctrl-C) too, so that it ends like a SIGTERM: checkpoint written, one line, exit 0.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequests:
-    """SIGTERM/SIGUSR1 -> a flag that every rank sees at the same step."""
+    """SIGTERM/SIGUSR1/SIGINT -> a flag that every rank sees at the same step. A second Ctrl-C
+    raises KeyboardInterrupt at once, for a user who will not wait for the checkpoint."""
 
     def __init__(self, world_size):
         self.world_size = world_size
@@ -39,6 +42,8 @@ class StopRequests:
                 pass
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
         self.received = self.received or signum
 
     def agreed(self, due=False):
