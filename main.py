@@ -35,7 +35,8 @@ from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint
                          match_state_dict, remove_temporaries, save_atomic)
 from cli import (ArgumentParser, InputError, duration, non_negative_float, non_negative_int,
                  positive_float, positive_int, unit_fraction)
-from data import EpochSampler, SeededSamples, image_folder, make_demo_dataset, seed_everything
+from data import (EpochSampler, SeededSamples, ignore_stop_signals, image_folder,
+                  make_demo_dataset, seed_everything)
 from monitor import OnlineProbe, Progress, StatsLog
 from preemption import RunLock, StopRequests
 
@@ -256,8 +257,8 @@ class Run:
     def steps_per_epoch(self):
         # The full epoch's length, also while a resumed epoch's loader yields fewer batches.
         sampler, batch = self.loader.sampler, self.loader.batch_size
-        return sampler.num_samples // batch if self.loader.drop_last \
-            else math.ceil(sampler.num_samples / batch)
+        return sampler.epoch_samples // batch if self.loader.drop_last \
+            else math.ceil(sampler.epoch_samples / batch)
 
 
 class Stopped(Exception):
@@ -301,7 +302,8 @@ def build_run(info, args):
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == 'fp16')
     loader = build_loader(args, info)
     probe = build_probe(args, info, model, loader.dataset.dataset)
-    start_epoch, start_step = resume(args, model, optimizer, scaler, probe)
+    start_epoch, start_step = resume(args, model, optimizer, scaler, probe,
+                                     data_order(args, info, loader))
     progress = Progress(len(loader), args.epochs, args.batch_size, info.is_main)
     run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress,
               StopRequests(info.world_size), probe, knn.build_monitor_loaders(args, info),
@@ -458,7 +460,8 @@ def roll_back(run, error):
         dist.barrier(group=run.stop.group)  # every rank is here: no checkpoint write under way
     # resume() also restores lr_scale and rollbacks_done: the checkpoint holds the current ones,
     # as every rollback rewrites it below before training goes on
-    epoch, step = resume(args, run.model, run.optimizer, run.scaler, run.probe)
+    epoch, step = resume(args, run.model, run.optimizer, run.scaler, run.probe,
+                         data_order(args, info, run.loader))
     args.lr_scale *= args.rollback_lr_factor
     args.rollbacks_done += 1
     if run.probe is not None:
@@ -535,9 +538,37 @@ def build_loader(args, info):
     dataset = SeededSamples(folder, args.seed, skip_bad=args.bad_images == 'skip')
     sampler = EpochSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                            seed=args.seed)
+    per_process = args.batch_size // info.world_size
+    check_epoch_steps(args, info, len(dataset), sampler, per_process)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size // info.world_size, num_workers=args.workers,
-        pin_memory=info.device.type == 'cuda', sampler=sampler, drop_last=args.drop_last)
+        dataset, batch_size=per_process, num_workers=args.workers,
+        pin_memory=info.device.type == 'cuda', sampler=sampler, drop_last=args.drop_last,
+        worker_init_fn=ignore_stop_signals)
+
+
+def check_epoch_steps(args, info, images, sampler, per_process):
+    """Every step needs at least 2 images per process: BatchNorm (the projector's, and the
+    online probe's, which is per process) cannot normalise one. An epoch without steps, or with
+    only such steps, is an error before training; a last batch of one image per process is
+    dropped (on every rank alike: the sampler gives each the same count), with a note."""
+    where = f'{images} images, --batch-size {args.batch_size} over {info.world_size} process(es)'
+    if per_process < 2:
+        raise InputError(f'{where}: {per_process} image per process per step; BatchNorm needs at '
+                         f'least 2, use a --batch-size of at least {2 * info.world_size}')
+    if args.drop_last and sampler.num_samples < per_process:
+        raise InputError(f'{where} with --drop-last: {sampler.num_samples} image(s) per '
+                         f'process, no complete batch, so an epoch would have no step; use a '
+                         f'smaller --batch-size or leave out --drop-last')
+    if not args.drop_last and sampler.num_samples % per_process == 1:
+        if sampler.num_samples == 1:
+            raise InputError(f'{where}: 1 image per process, which BatchNorm cannot normalise; '
+                             f'use fewer processes or more images')
+        sampler.epoch_samples = sampler.num_samples - 1
+        if info.is_main:
+            print(f'note: {where} leave a last batch of 1 image per process in every epoch, '
+                  f'which BatchNorm cannot normalise; it is dropped ({info.world_size} image(s) '
+                  f'per epoch; --drop-last or another --batch-size avoids this)',
+                  file=sys.stderr, flush=True)
 
 
 def knn_monitor(run, epoch):
@@ -579,16 +610,60 @@ def save_checkpoint(run, epoch, steps_done=0):
     state = dict(epoch=epoch, step_in_epoch=steps_done, model=run.model.state_dict(),
                  optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
                  args=checkpoint_args(run.args), lr_scale=run.args.lr_scale,
-                 rollbacks_done=run.args.rollbacks_done)
+                 rollbacks_done=run.args.rollbacks_done,
+                 data_order=data_order(run.args, run.info, run.loader))
     if run.probe is not None:
         state['probe'] = run.probe.state_dict()
     save_atomic(state, run.args.checkpoint_dir / 'checkpoint.pth')
 
 
-def resume(args, model, optimizer, scaler, probe=None):
+def data_order(args, info, loader):
+    """What decides which samples an epoch's remaining steps take, in what order, and at which
+    learning rates: a mid-epoch checkpoint continues exactly only if all of it is unchanged."""
+    return dict(images=len(loader.dataset), classes=len(loader.dataset.dataset.classes),
+                world_size=info.world_size, batch_size=args.batch_size,
+                drop_last=args.drop_last, seed=args.seed, epochs=args.epochs,
+                warmup_epochs=args.warmup_epochs)
+
+
+ORDER_WORDS = dict(images='training images', classes='classes', world_size='processes',
+                   batch_size='--batch-size', drop_last='--drop-last', seed='--seed',
+                   epochs='--epochs', warmup_epochs='--warmup-epochs')
+
+
+def check_data_order(path, ckpt, order):
+    """A mid-epoch checkpoint with another data order or schedule is refused (its remaining
+    steps would take other samples, some twice, some never); at an epoch end only the class
+    count must match (the online probe's head), and a changed schedule gets a note."""
+    if order is None:
+        return
+    saved = dict(ckpt.get('args') or {})
+    saved = {k: saved[k] for k in order if k in saved}
+    saved.update(ckpt.get('data_order') or {})
+    differ = [f'{ORDER_WORDS[k]} {saved[k]} then, {order[k]} now' for k in order
+              if k in saved and saved[k] != order[k]]
+    if not differ:
+        return
+    epoch, step = ckpt['epoch'], ckpt.get('step_in_epoch', 0)
+    if step:
+        raise InputError(f'{path} stopped at step {step} of epoch {epoch}, and the rest of that '
+                         f'epoch cannot be continued exactly ({"; ".join(differ)}); resume with '
+                         f'the same settings, or use another --checkpoint-dir')
+    if 'classes' in saved and saved['classes'] != order['classes'] and ckpt.get('probe'):
+        raise InputError(f'{path}: the online probe was trained on {saved["classes"]} classes, '
+                         f'the dataset now has {order["classes"]}; use --no-online-probe or '
+                         f'another --checkpoint-dir')
+    if distributed.world_info()[0] == 0:
+        print(f'note: {path} continues at epoch {epoch} with other settings '
+              f'({"; ".join(differ)}); the learning-rate schedule follows the new ones',
+              file=sys.stderr, flush=True)
+
+
+def resume(args, model, optimizer, scaler, probe=None, order=None):
     """Resume from checkpoint_dir/checkpoint.pth when present (ours or the reference's).
 
-    Returns (epoch, steps already done in that epoch)."""
+    `order` (data_order) is checked against the checkpoint's. Returns (epoch, steps already done
+    in that epoch)."""
     path = args.checkpoint_dir / 'checkpoint.pth'
     if not path.is_file():
         return 0, 0
@@ -600,6 +675,7 @@ def resume(args, model, optimizer, scaler, probe=None):
         if key in saved and saved[key] != getattr(args, key):
             raise InputError(f'{path} was written with --{key.replace("_", "-")} {saved[key]}, '
                              f'this run has {getattr(args, key)}; use another --checkpoint-dir')
+    check_data_order(path, ckpt, order)
     model.load_state_dict(match_state_dict(ckpt['model'], model, str(path)))
     saved_groups = len(ckpt['optimizer'].get('param_groups', []))
     if saved_groups != len(optimizer.param_groups):
@@ -620,7 +696,12 @@ def resume(args, model, optimizer, scaler, probe=None):
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     if probe is not None and ckpt.get('probe'):
-        probe.load_state_dict(ckpt['probe'])
+        try:
+            probe.load_state_dict(ckpt['probe'])
+        except (RuntimeError, ValueError, KeyError) as e:  # another class count
+            reason = str(e).strip().splitlines()[-1].strip()
+            raise InputError(f'{path}: the online probe does not fit this dataset ({reason}); '
+                             f'use --no-online-probe or another --checkpoint-dir') from None
     args.lr_scale = float(ckpt.get('lr_scale', 1.0))  # lowered by earlier --rollbacks
     args.rollbacks_done = int(ckpt.get('rollbacks_done', 0))
     return ckpt['epoch'], ckpt.get('step_in_epoch', 0)

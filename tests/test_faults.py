@@ -13,7 +13,7 @@ import monitor
 import preemption
 from cli import InputError
 from conftest import ROOT
-from test_main import load_state, tiny_args
+from test_main import tiny_args
 
 
 @pytest.fixture
