@@ -192,6 +192,7 @@ def linear_eval(info, args):
         train_loader.sampler.set_epoch(epoch)
         train_one_epoch(model, train_loader, optimizer, args, info, epoch, stats_log,
                         start_time)
+        stop_if_weights_non_finite(model, optimizer, args, epoch)
         acc1, acc5 = validate(model.module, val_loader, info.device)
         best_acc = dict(top1=max(best_acc['top1'], acc1), top5=max(best_acc['top5'], acc5))
         stats_log.write(dict(epoch=epoch, acc1=acc1, acc5=acc5, best_acc1=best_acc['top1'],
@@ -214,21 +215,45 @@ def train_one_epoch(model, loader, optimizer, args, info, epoch, stats_log, star
     # (the head is a Linear layer, which has no train/eval difference).
     model.train(args.weights == 'finetune')
     criterion = nn.CrossEntropyLoss()
+    # First step with a non-finite loss on this rank, kept on the device (no wait per step).
+    bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
     for step, (images, target) in enumerate(loader, start=epoch * len(loader)):
         output = model(images.to(info.device, non_blocking=True))
         loss = criterion(output, target.to(info.device, non_blocking=True))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if step % args.print_freq == 0:
             loss = loss.detach() / info.world_size
             if info.world_size > 1:
                 dist.all_reduce(loss)  # mean over ranks, as the reference's reduce to rank 0
+            if not torch.isfinite(loss):  # the mean over ranks: every rank stops here
+                raise diverged(args, epoch, f'loss at step {step}')
             groups = optimizer.param_groups
             stats_log.write(dict(epoch=epoch, step=step,
                                  lr_backbone=groups[1]['lr'] if len(groups) == 2 else 0,
                                  lr_classifier=groups[0]['lr'], loss=loss.item(),
                                  time=int(time.time() - start_time)), step)
+    if info.world_size > 1:
+        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)  # the ranks stop together
+    if int(bad_step) >= 0:
+        raise diverged(args, epoch, f'loss at step {int(bad_step)}')
+
+
+def diverged(args, epoch, what):
+    return InputError(f'non-finite {what} (epoch {epoch}); stopping without saving, the last good '
+                      f'checkpoint in {args.checkpoint_dir} is unchanged (try a lower '
+                      f'--lr-classifier or --lr-backbone)')
+
+
+def stop_if_weights_non_finite(model, optimizer, args, epoch):
+    """Before validating and checkpointing: the update after the last finite loss may not be."""
+    state = [t for t in model.state_dict().values() if t.is_floating_point()]
+    state += [t for s in optimizer.state.values() for t in s.values()
+              if torch.is_tensor(t) and t.is_floating_point()]
+    if state and not bool(torch.stack([torch.isfinite(t).all() for t in state]).all()):
+        raise diverged(args, epoch, 'weights after the last step')
 
 
 @torch.no_grad()
