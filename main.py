@@ -319,10 +319,10 @@ def train_epochs(run, start_epoch, start_step):
         seed_everything(args.seed, epoch, info.rank)
         train_one_epoch(run, epoch, start_step if epoch == start_epoch else 0)
         stop_if_weights_non_finite(run, (epoch + 1) * run.steps_per_epoch - 1)
+        if info.is_main:  # before monitoring: a failure there must not cost the epoch
+            save_checkpoint(run, epoch + 1)
         if args.knn_every and (epoch + 1) % args.knn_every == 0:
             knn_monitor(run, epoch)
-        if info.is_main:
-            save_checkpoint(run, epoch + 1)
     if info.is_main:
         backbone = run.model.module.backbone.state_dict()
         save_atomic(backbone, args.checkpoint_dir / f'{args.arch}.pth')
@@ -573,14 +573,12 @@ def check_epoch_steps(args, info, images, sampler, per_process):
 
 def knn_monitor(run, epoch):
     bank_loader, query_loader = run.knn_loaders
-    folder = bank_loader.dataset.dataset if isinstance(bank_loader.dataset,
-                                                       torch.utils.data.Subset) \
-        else bank_loader.dataset
+    classes = run.loader.dataset.dataset.classes  # the bank is the training set (or part of it)
     autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(run.precision)
     with torch.autocast(run.info.device.type, dtype=autocast_dtype,
                         enabled=autocast_dtype is not None):
         top1 = knn.knn_evaluate(run.model.module.backbone, bank_loader, query_loader,
-                                run.info.device, num_classes=len(folder.classes))
+                                run.info.device, num_classes=len(classes))
     run.model.train()  # knn_evaluate put the backbone in eval mode
     stats = dict(epoch=epoch, **{f'knn_top1_k{k}': v for k, v in top1.items()},
                  time=int(time.time() - run.start_time))
