@@ -130,6 +130,14 @@ def copy_run(t):
     put(t.ck / 'stats.txt', t.pre.stats)
 
 
+def mid_epoch_run(t):
+    """The shared run's checkpoint as if it had stopped after step 1 of epoch 0."""
+    copy_run(t)
+    ckpt = load(t.ck / 'checkpoint.pth')
+    ckpt.update(epoch=0, step_in_epoch=1)
+    save(t.ck / 'checkpoint.pth', ckpt)
+
+
 # Legitimate images ImageNet also holds: greyscale and CMYK JPEGs, PNGs (RGBA, palette), plus a
 # greyscale-with-alpha PNG and a .jpg in lower case.
 LEGIT_MODES = (('L', 'JPEG'), ('CMYK', 'JPEG'), ('RGBA', 'png'), ('P', 'png'), ('LA', 'png'),
@@ -310,6 +318,27 @@ CASES = [
          ['checkpoint.pth', '--arch', 'resnet18', 'resnet34'], setup=copy_run).param(),
     Case('checkpoint-of-other-lr-flags', 'main', lambda t: main_args(t, '--learning-rate', '0.2'),
          1, ['checkpoint.pth', 'parameter group', '--learning-rate'], setup=copy_run).param(),
+    # an epoch that cannot train
+    Case('drop-last-batch-larger-than-dataset', 'main',
+         lambda t: main_args(t, '--drop-last', '--batch-size', '16'), 1,
+         ['--batch-size 16', '--drop-last', 'no step']).param(),
+    Case('batch-size-1', 'main', lambda t: main_args(t, '--batch-size', '1'), 1,
+         ['--batch-size 1', 'BatchNorm']).param(),
+    # a checkpoint whose data order or classes this run does not have
+    Case('checkpoint-with-other-class-count', 'main', lambda t: main_args(t, '--epochs', '2'), 1,
+         ['checkpoint.pth', 'online probe', '2 classes', 'now has 3'],
+         setup=lambda t: (copy_run(t), [put(t.data / 'train' / 'n09999999' / f'n09999999_{i}.JPEG',
+                                            image(t)) for i in range(2)])).param(),
+    *[Case(f'mid-epoch-checkpoint-{name}', 'main', lambda t, x=extra: main_args(t, *x), 1,
+           ['checkpoint.pth', 'step 1 of epoch 0', *words], setup=lambda t, c=change: (
+               mid_epoch_run(t), c(t))).param()
+      for name, extra, change, words in (
+          ('other-batch-size', ['--batch-size', '8'], lambda t: None, ['--batch-size 4 then, 8']),
+          ('more-images', [], lambda t: [put(image(t, f'n01440764_9{i}.JPEG'), image(t))
+                                         for i in range(2)], ['training images 12 then, 14']),
+          ('drop-last', ['--drop-last'], lambda t: None, ['--drop-last False then, True']),
+          ('other-epochs', ['--epochs', '3'], lambda t: None, ['--epochs 1 then, 3']),
+          ('other-seed', ['--seed', '1'], lambda t: None, ['--seed 0 then, 1']))],
     Case('garbage-checkpoint', 'main', main_args, 1, ['cannot read checkpoint', 'checkpoint.pth'],
          setup=lambda t: put(t.ck / 'checkpoint.pth', b'\x00\x01 garbage, not a checkpoint'))
     .param(),
@@ -372,6 +401,8 @@ CASES = [
     Case('garbage-checkpoint', 'evaluate', eval_args, 1,
          ['cannot read checkpoint', 'checkpoint.pth'],
          setup=lambda t: put(t.ck / 'checkpoint.pth', b'PK\x03\x04 garbage')).param(),
+    Case('loss-becomes-nan', 'evaluate', lambda t: eval_args(t, '--lr-classifier', '1e30'), 1,
+         ['non-finite', 'epoch 0', 'unchanged']).param(),
     Case('main-checkpoint-in-checkpoint-dir', 'evaluate', eval_args, 1,
          ['checkpoint.pth', 'not an evaluate.py checkpoint'], setup=copy_run).param(),
     Case('legit-knn-on-full-checkpoint-grey-cmyk-png', 'evaluate',
