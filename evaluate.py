@@ -117,7 +117,8 @@ def get_arguments():
                              'set, or its subset, as the bank) and log {k: top-1}')
     parser.add_argument('--knn-k', default=KNN_KS, type=positive_ints, metavar='K[,K...]',
                         help='neighbour counts for --knn (default 20,200; capped at the bank size)')
-    parser.add_argument('--knn-temperature', default=KNN_TEMPERATURE, type=positive_float, metavar='T',
+    parser.add_argument('--knn-temperature', default=KNN_TEMPERATURE, type=positive_float,
+                        metavar='T',
                         help='kNN vote weight exp(cosine similarity / T) (default 0.07)')
     parser.add_argument('--seed', default=0, type=int,
                         help='seed for the head initialisation, data order and augmentations')

@@ -60,9 +60,11 @@ def get_arguments():
                         help='number of total epochs to run')
     parser.add_argument('--batch-size', default=2048, type=positive_int, metavar='N',
                         help='global mini-batch size, divided over the processes')
-    parser.add_argument('--learning-rate-weights', default=None, type=non_negative_float, metavar='LR',
+    parser.add_argument('--learning-rate-weights', default=None, type=non_negative_float,
+                        metavar='LR',
                         help='base learning rate for weights (default 0.2)')
-    parser.add_argument('--learning-rate-biases', default=None, type=non_negative_float, metavar='LR',
+    parser.add_argument('--learning-rate-biases', default=None, type=non_negative_float,
+                        metavar='LR',
                         help='base learning rate for biases and batch norm parameters '
                              '(default 0.0048)')
     parser.add_argument('--learning-rate', default=None, type=non_negative_float, metavar='LR',

@@ -3,8 +3,8 @@
 SLURM sends SIGUSR1 shortly before a preemption or the time limit (sbatch --signal USR1@120) and
 SIGTERM on `scancel`; torchrun sends SIGTERM to its workers before an elastic restart; Ctrl-C
 sends SIGINT. scancel and Ctrl-C signal the whole process group: DataLoader workers ignore both
-(data.ignore_stop_signals), so only the main process acts. Each one only sets a flag here. The training loop polls it between steps; the ranks agree on it through a
-small CPU collective (no GPU synchronisation), rank 0 writes a mid-epoch checkpoint, and then
+(data.ignore_stop_signals), so only the main process acts. Each one only sets a flag here.
+The training loop polls it between steps; the ranks agree on it through a small CPU collective (no GPU synchronisation), rank 0 writes a mid-epoch checkpoint, and then
 SIGUSR1 under SLURM requeues the job (as the reference does) while anything else exits cleanly.
 """
 import fcntl

@@ -327,8 +327,8 @@ CASES = [
     # a checkpoint whose data order or classes this run does not have
     Case('checkpoint-with-other-class-count', 'main', lambda t: main_args(t, '--epochs', '2'), 1,
          ['checkpoint.pth', 'online probe', '2 classes', 'now has 3'],
-         setup=lambda t: (copy_run(t), [put(t.data / 'train' / 'n09999999' / f'n09999999_{i}.JPEG',
-                                            image(t)) for i in range(2)])).param(),
+         setup=lambda t: (copy_run(t), [put(image(t, f'n09999999_{i}.JPEG'), image(t))
+                                        for i in range(2)])).param(),
     *[Case(f'mid-epoch-checkpoint-{name}', 'main', lambda t, x=extra: main_args(t, *x), 1,
            ['checkpoint.pth', 'step 1 of epoch 0', *words], setup=lambda t, c=change: (
                mid_epoch_run(t), c(t))).param()
