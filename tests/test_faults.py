@@ -2,6 +2,8 @@
 the test mounts, so it needs root), truncated and odd files, signals to a process group."""
 import errno
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -9,11 +11,13 @@ import pytest
 import torch
 
 import checkpoints
+import main
 import monitor
 import preemption
 from cli import InputError
 from conftest import ROOT
-from test_main import tiny_args
+from test_main import load_state, read_stats, tiny_args
+from test_reliability import logged_steps, wait_for
 
 
 @pytest.fixture
@@ -117,3 +121,67 @@ def test_main_with_a_fresh_checkpoint_dir_on_a_full_disk(tiny_imagefolder, tmpfs
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and 'No space left on device' in lines[0], lines
     assert not (disk / 'ck' / '.lock').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals to the whole process group (scancel, SLURM time limits, Ctrl-C)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_checkpoints_and_exits_cleanly(tiny_imagefolder, tmp_path,
+                                                                   signum):
+    ckdir = tmp_path / 'ck'
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'main.py'),
+                             *tiny_args(tiny_imagefolder, ckdir, epochs=50, workers=2)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1'))
+    try:
+        assert wait_for(lambda: logged_steps(ckdir) >= 2, proc), proc.stderr.read()
+        os.killpg(proc.pid, signum)  # the main process and its DataLoader workers alike
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert 'Traceback' not in err and 'exited unexpectedly' not in err, err
+    stopped = [line for line in err.splitlines() if 'stopped by signal' in line]
+    assert len(stopped) == 1 and f'signal {int(signum)}' in stopped[0], err
+    ckpt = load_state(ckdir / 'checkpoint.pth')
+    assert ckpt['epoch'] * 3 + ckpt['step_in_epoch'] >= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches BatchNorm cannot normalise; monitoring that fails
+# ---------------------------------------------------------------------------------------------
+
+def test_last_batch_of_one_image_is_dropped_with_a_note(tiny_imagefolder, tmp_path, capsys):
+    extra = tiny_imagefolder / 'train' / 'class_a' / 'class_a_99.JPEG'
+    shutil.copyfile(tiny_imagefolder / 'train' / 'class_a' / 'class_a_0.JPEG', extra)  # 13 images
+    main.main(tiny_args(tiny_imagefolder, tmp_path / 'ck', epochs=1))
+    err = capsys.readouterr().err
+    assert 'last batch of 1 image per process' in err and 'dropped' in err
+    _, stats = read_stats(tmp_path / 'ck')
+    assert [s['step'] for s in stats] == [0, 1, 2]  # 4 + 4 + 4 images; the 13th is left out
+    assert load_state(tmp_path / 'ck' / 'checkpoint.pth')['epoch'] == 1
+
+
+def test_knn_monitor_skips_bad_images_and_never_costs_the_checkpoint(tiny_imagefolder, tmp_path,
+                                                                     capsys):
+    for bad in (tiny_imagefolder / 'train' / 'class_b' / 'class_b_3.JPEG',  # bank and training
+                tiny_imagefolder / 'val' / 'class_a' / 'class_a_1.JPEG'):  # the kNN queries only
+        bad.write_bytes(bad.read_bytes()[:200])
+    ckdir = tmp_path / 'ck'
+    main.main(tiny_args(tiny_imagefolder, ckdir, '--bad-images', 'skip', '--knn-every', '1',
+                        epochs=1))
+    _, stats = read_stats(ckdir)
+    assert any('knn_top1_k20' in s for s in stats)
+    assert 'skipping: cannot read image' in capsys.readouterr().err
+    # stop: the monitor's error comes after the epoch's checkpoint, so a rerun goes on from it
+    shutil.copyfile(tiny_imagefolder / 'train' / 'class_b' / 'class_b_0.JPEG',
+                    tiny_imagefolder / 'train' / 'class_b' / 'class_b_3.JPEG')
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(tiny_args(tiny_imagefolder, ckdir, '--knn-every', '1', epochs=2))
+    assert exit_info.value.code == 1
+    assert 'class_a_1.JPEG' in capsys.readouterr().err
+    assert load_state(ckdir / 'checkpoint.pth')['epoch'] == 2
