@@ -28,12 +28,40 @@ from cli import InputError
 DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)
 
 
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def to_rgb(img):
+    """An 8-bit RGB copy of a decoded PIL image, whatever its mode.
+
+    PIL's convert('RGB') clips 16-bit pixels to 255 (a 16-bit PNG or TIFF turns white), and
+    32-bit integer or float pixels have no range it could scale from; a palette image with
+    transparency goes through RGBA (the same colours, without PIL's warning). Raises ValueError
+    for what has no defined 8-bit meaning.
+    """
+    if img.mode == 'RGB':
+        return img
+    if img.mode in SIXTEEN_BIT_MODES or (img.mode == 'I' and img.format == 'PNG'):
+        # 16-bit samples (a PNG's may open as 32-bit 'I'): 0..65535 -> 0..255, rounded
+        pixels = np.asarray(img, dtype=np.uint32)
+        return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), 'L') \
+            .convert('RGB')
+    if img.mode in ('I', 'F'):
+        kind = 'floating-point' if img.mode == 'F' else '32-bit integer'
+        raise ValueError(f'{kind} pixels (PIL mode {img.mode}) have no defined 8-bit range; '
+                         f'convert the file to 8-bit RGB')
+    if img.mode == 'P' and 'transparency' in img.info:
+        img = img.convert('RGBA')
+    return img.convert('RGB')
+
+
 def load_rgb(path):
     """Open an image as RGB; any decoding problem names the file."""
     try:
         with open(path, 'rb') as f:
             img = Image.open(f)
-            return img.convert('RGB')  # forces the full decode, so truncation shows up here
+            img.load()  # the full decode, so truncation shows up here
+            return to_rgb(img)
     except DECODE_ERRORS as e:
         raise InputError(f'cannot read image {path}: {e}') from None
 
@@ -41,7 +69,9 @@ def load_rgb(path):
 def decode_rgb(data, name):
     """`load_rgb` for an encoded image held in memory (bytes); a problem names `name`."""
     try:
-        return Image.open(io.BytesIO(data)).convert('RGB')
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return to_rgb(img)
     except DECODE_ERRORS as e:
         raise InputError(f'cannot read image {name}: {e}') from None
 
@@ -63,11 +93,37 @@ def image_folder(root, transform=None, split='train', loader=None):
     if not folder.is_dir():
         raise InputError(f'{folder} not found: expected the ImageFolder layout '
                          f'{root}/{split}/<class>/<image>')
+    check_folder_links(folder)
     try:
         return torchvision.datasets.ImageFolder(folder, transform, loader=loader or load_rgb)
     except FileNotFoundError as e:
         # "Couldn't find any class folder" / "Found no valid file for the classes ..."
         raise InputError(f'{folder}: {e}'.replace('\n', ' ')) from None
+
+
+def check_folder_links(folder):
+    """Refuse symbolic links that would list images more than once: torchvision follows links
+    to folders, so a link to a folder that contains it repeats its images until the path is too
+    long (16 images became 336), and two paths to one folder count its images twice."""
+    reached = {os.path.realpath(folder): Path(folder)}
+    pending = [Path(folder)]
+    while pending:
+        current = pending.pop()
+        here = os.path.realpath(current)
+        try:
+            entries = [e for e in os.scandir(current) if e.is_dir()]
+        except OSError as e:
+            raise InputError(f'cannot list {current}: {e.strerror or e}') from None
+        for entry in entries:
+            path, real = Path(entry.path), os.path.realpath(entry.path)
+            if entry.is_symlink() and (here + os.sep).startswith(real + os.sep):
+                raise InputError(f'{path} links to {real}, a folder that contains it: a loop '
+                                 f'that would list the same images again and again; remove it')
+            if real in reached:
+                raise InputError(f'{path} and {reached[real]} are the same folder ({real}): its '
+                                 f'images would count twice; remove one of them')
+            reached[real] = path
+            pending.append(path)
 
 
 # Packed datasets: one HDF5 file (PyTables) written by pack.py, one group per split (/train,

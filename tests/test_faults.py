@@ -6,11 +6,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import checkpoints
+import data
 import main
 import monitor
 import preemption
@@ -185,3 +189,47 @@ def test_knn_monitor_skips_bad_images_and_never_costs_the_checkpoint(tiny_imagef
     assert exit_info.value.code == 1
     assert 'class_a_1.JPEG' in capsys.readouterr().err
     assert load_state(ckdir / 'checkpoint.pth')['epoch'] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Images that PIL's convert('RGB') turns wrong
+# ---------------------------------------------------------------------------------------------
+
+def saved(tmp_path, name, img, **kwargs):
+    path = tmp_path / name
+    img.save(path, **kwargs)
+    return path
+
+
+@pytest.mark.parametrize('name', ['grey16.png', 'grey16.tif'])
+def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path, name):
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    path = saved(tmp_path, name, Image.fromarray(ramp))
+    expected = (ramp.astype(np.float64) / 257).round()
+    for img in (data.load_rgb(path), data.decode_rgb(path.read_bytes(), name)):
+        pixels = np.asarray(img)
+        assert img.mode == 'RGB' and pixels.shape == (64, 64, 3)
+        assert np.abs(pixels[..., 0] - expected).max() <= 1  # not clipped to 255
+        assert (pixels[..., 0] == pixels[..., 2]).all()
+
+
+@pytest.mark.parametrize('name, array, words', [
+    ('float.tif', np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16), 'floating-point'),
+    ('int32.tif', np.arange(256, dtype=np.int32).reshape(16, 16) * 1000, '32-bit integer')])
+def test_images_without_an_8_bit_range_are_refused_in_one_line(tmp_path, name, array, words):
+    path = saved(tmp_path, name, Image.fromarray(array))
+    with pytest.raises(InputError) as caught:
+        data.load_rgb(path)
+    assert '\n' not in str(caught.value) and name in str(caught.value)
+    assert words in str(caught.value)
+
+
+def test_palette_with_transparency_keeps_its_colours_without_a_warning(tmp_path):
+    img = Image.new('P', (8, 8))
+    img.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    img.paste(1, (0, 0, 4, 8))
+    path = saved(tmp_path, 'p.png', img, transparency=bytes([0, 255] + [255] * 254))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        pixels = np.asarray(data.load_rgb(path))
+    assert tuple(pixels[0, 0]) == (200, 100, 50) and tuple(pixels[0, 7]) == (10, 20, 30)
