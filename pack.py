@@ -26,8 +26,8 @@ import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from cli import ArgumentParser, InputError, non_negative_int, positive_int
-from data import (PACK_FORMAT, PACK_SUFFIXES, PACK_VERSION, decode_rgb, import_tables,
-                  open_pack, pack_split_group, read_strings)
+from data import (PACK_FORMAT, PACK_SUFFIXES, PACK_VERSION, check_folder_links, decode_rgb,
+                  import_tables, open_pack, pack_split_group, read_strings)
 
 PROGRESS_SECONDS = 10
 CHUNK = 16  # images per job sent to a worker
@@ -105,6 +105,7 @@ def list_split(source, split):
     if not folder.is_dir():
         raise InputError(f'{folder} not found: expected the ImageFolder layout '
                          f'{source}/{split}/<class>/<image>')
+    check_folder_links(folder)
     try:
         classes, class_to_idx = find_classes(folder)
         samples = make_dataset(folder, class_to_idx, IMG_EXTENSIONS)
