@@ -9,6 +9,7 @@ import io
 import itertools
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -154,6 +155,21 @@ def import_tables(path):
     return tables
 
 
+def hdf5_reason(error):
+    """What an HDF5 error says, in a few words. Its first line is only 'HDF5 error back trace';
+    the innermost frame of the trace, its last indented line, names the cause."""
+    text = str(error)
+    frames = [line.strip() for line in text.split('End of HDF5 error back trace')[0].splitlines()
+              if line.startswith('    ')]
+    cause = frames[-1] if frames else text.strip().splitlines()[-1].strip() if text.strip() \
+        else type(error).__name__
+    truncated = re.search(r'truncated file: eof = (\d+).*stored_eof = (\d+)', cause)
+    if truncated:
+        return (f'the file is truncated ({truncated.group(1)} of its {truncated.group(2)} bytes '
+                f'are there; copy it again, or rerun pack.py)')
+    return cause
+
+
 def open_pack(path, mode='r', **params):
     """A pack.py file opened with PyTables; a missing file or any other file is an InputError."""
     tables = import_tables(path)
@@ -164,8 +180,7 @@ def open_pack(path, mode='r', **params):
     try:
         h5 = tables.open_file(str(path), mode, **params)
     except (OSError, tables.HDF5ExtError, ValueError) as e:
-        reason = str(e).strip().split('\n')[0]
-        raise InputError(f'cannot open packed file {path}: {reason}') from None
+        raise InputError(f'cannot open packed file {path}: {hdf5_reason(e)}') from None
     if getattr(h5.root._v_attrs, 'format', None) != PACK_FORMAT:
         h5.close()
         raise InputError(f'{path} is not a file written by pack.py')
@@ -178,9 +193,13 @@ def pack_split_group(h5, path, split):
         present = ', '.join(sorted(g._v_name for g in h5.iter_nodes('/', 'Group'))) or 'none'
         raise InputError(f"{path} has no split '{split}' (splits in it: {present})")
     group = h5.get_node(f'/{split}')
-    if not getattr(group._v_attrs, 'complete', False):
-        raise InputError(f"{path}: split '{split}' is not finished ({group._v_attrs.packed} images "
-                         f'so far); rerun the pack.py command to complete it')
+    missing = [name for name in ('data', 'offsets', 'labels', 'names', 'classes')
+               if name not in group]
+    if not getattr(group._v_attrs, 'complete', False) or missing:
+        packed = getattr(group._v_attrs, 'packed', 0)
+        raise InputError(f"{path}: split '{split}' is not finished ({packed} images so far"
+                         + (f'; no {", ".join(missing)} yet' if missing else '')
+                         + '); rerun the pack.py command to complete it')
     return group
 
 
@@ -227,8 +246,7 @@ class PackedImageFolder(torch.utils.data.Dataset):
         try:
             data = self._data_array().read(self._offsets[record], self._offsets[record + 1])
         except (OSError, tables.HDF5ExtError) as e:
-            reason = str(e).strip().split('\n')[0]
-            raise InputError(f'cannot read image {path}: {reason}') from None
+            raise InputError(f'cannot read image {path}: {hdf5_reason(e)}') from None
         sample = self.loader(data.tobytes(), path)
         if self.transform is not None:
             sample = self.transform(sample)
