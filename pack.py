@@ -212,8 +212,8 @@ def open_output(path):
     try:
         h5 = tables.open_file(str(path), 'w')
     except (OSError, tables.HDF5ExtError) as e:
-        reason = getattr(e, 'strerror', None) or str(e).strip().split('\n')[0]
-        raise InputError(f'cannot write {path}: {reason}') from None
+        path.unlink(missing_ok=True)  # HDF5 may have created it before failing
+        raise InputError(f'cannot write {path}: {write_reason(e, path)}') from None
     try:
         h5.root._v_attrs.format = PACK_FORMAT
         h5.root._v_attrs.version = PACK_VERSION

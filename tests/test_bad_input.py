@@ -162,6 +162,12 @@ def add_legit_images(t, splits=('train', 'val')):
     return count
 
 
+def truncated_pack(t, path):
+    pytest.importorskip('tables')
+    pack.main(pack_args(t, out=path))
+    truncate(path, keep=path.stat().st_size // 2)
+
+
 def foreign_hdf5(path):
     tables = pytest.importorskip('tables')
     with tables.open_file(str(path), 'w') as h5:
@@ -286,6 +292,9 @@ CASES = [
     Case('packed-file-not-hdf5', 'main', lambda t: main_args(t, data=t.tmp / 'data.h5'), 1,
          ['data.h5'], setup=lambda t: put(t.tmp / 'data.h5', 'not an HDF5 file'))
     .param(),
+    Case('truncated-pack', 'main', lambda t: main_args(t, data=t.tmp / 'cut.h5'), 1,
+         ['cut.h5', 'truncated', 'of its'],
+         setup=lambda t: truncated_pack(t, t.tmp / 'cut.h5')).param(),
     Case('legit-grey-cmyk-png', 'main', main_args, None, check=check_main_legit,
          setup=lambda t: setattr(t, 'added', add_legit_images(t, ['train']))).param(),
     Case('legit-grey-cmyk-png-fast-augment', 'main', lambda t: main_args(t, '--fast-augment'),
@@ -458,6 +467,11 @@ CASES = [
          setup=lambda t: put(image(t, 'n01440764_1.JPEG', 'val'), 'not an image')).param(),
     Case('symlink-loop-in-class-folder', 'pack', pack_args, 1, ['n01443537/up', 'loop'],
          setup=lambda t: os.symlink('../..', t.data / 'val' / 'n01443537' / 'up')).param(),
+    Case('file-name-not-utf8', 'pack', pack_args, 1, ['n01440764_', 'not valid UTF-8'],
+         setup=lambda t: put(t.data / 'train' / 'n01440764' / os.fsdecode(b'n01440764_\xff.JPEG'),
+                             image(t))).param(),
+    Case('check-truncated-pack', 'pack', lambda t: ['--check', str(t.tmp / 'cut.h5')], 1,
+         ['cut.h5', 'truncated'], setup=lambda t: truncated_pack(t, t.tmp / 'cut.h5')).param(),
     Case('output-in-missing-directory', 'pack', lambda t: pack_args(t, out=t.tmp / 'no' / 'o.h5'),
          1, ['o.h5', 'does not exist']).param(),
     Case('output-is-a-directory', 'pack', lambda t: pack_args(t, out=t.tmp / 'o.h5'), 1,

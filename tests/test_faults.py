@@ -19,7 +19,7 @@ import main
 import monitor
 import preemption
 from cli import InputError
-from conftest import ROOT
+from conftest import ROOT, make_image_folder
 from test_main import load_state, read_stats, tiny_args
 from test_reliability import logged_steps, wait_for
 
@@ -233,3 +233,65 @@ def test_palette_with_transparency_keeps_its_colours_without_a_warning(tmp_path)
         warnings.simplefilter('error')
         pixels = np.asarray(data.load_rgb(path))
     assert tuple(pixels[0, 0]) == (200, 100, 50) and tuple(pixels[0, 7]) == (10, 20, 30)
+
+
+# ---------------------------------------------------------------------------------------------
+# pack.py on a disk that fills up
+# ---------------------------------------------------------------------------------------------
+
+def run_pack(*argv):
+    return subprocess.run([sys.executable, str(ROOT / 'pack.py'), *map(str, argv)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def pack_source(tmp_path_factory):
+    pytest.importorskip('tables')
+    return make_image_folder(tmp_path_factory.mktemp('pack_source'), per_class=40,
+                             val_per_class=20, size=128)  # about 2 MB of JPEGs
+
+
+@pytest.mark.parametrize('workers, commit_every', [('0', '1000'), ('2', '10')])
+def test_pack_on_a_full_disk_never_reports_done_and_the_rerun_completes(pack_source, tmpfs,
+                                                                        workers, commit_every):
+    disk = tmpfs('2m')
+    out = disk / 'out.h5'
+    done = run_pack(pack_source, out, '--workers', workers, '--commit-every', commit_every)
+    assert done.returncode == 1, done.stderr
+    assert 'done' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1 and 'No space left on device' in lines[0], done.stderr
+    checked = run_pack('--check', out, '--workers', '0')
+    assert checked.returncode != 0 and 'OK' not in checked.stderr
+    if commit_every == '10':  # stopped at a commit before HDF5 lost anything: the rerun goes on
+        subprocess.run(['mount', '-o', 'remount,size=16m', str(disk)], check=True)
+        assert run_pack(pack_source, out, '--workers', workers).returncode == 0
+        checked = run_pack('--check', out, '--workers', '0')
+        assert checked.returncode == 0 and checked.stderr.splitlines()[-1] == f'{out}: OK'
+
+
+def test_pack_that_cannot_start_on_a_full_disk_leaves_nothing_the_rerun_refuses(pack_source,
+                                                                                 tmpfs):
+    disk = tmpfs('1m')
+    filler = fill(disk)
+    out = disk / 'out.h5'
+    done = run_pack(pack_source, out, '--workers', '0')
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'No space left on device' in lines[0], done.stderr
+    filler.unlink()
+    subprocess.run(['mount', '-o', 'remount,size=16m', str(disk)], check=True)
+    done = run_pack(pack_source, out, '--workers', '0')
+    assert done.returncode == 0, done.stderr
+
+
+def test_check_notices_a_split_the_file_lists_but_lacks(pack_source, tmp_path):
+    tables = pytest.importorskip('tables')
+    out = tmp_path / 'out.h5'
+    assert run_pack(pack_source, out, '--workers', '0').returncode == 0
+    with tables.open_file(str(out), 'a') as h5:
+        h5.remove_node('/val', recursive=True)
+    checked = run_pack('--check', out, '--workers', '0')
+    assert checked.returncode == 1
+    assert checked.stderr.strip().splitlines()[-1].endswith("has no split 'val' (splits in it: "
+                                                            "train)")
