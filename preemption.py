@@ -24,8 +24,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequests:
-    """SIGTERM/SIGUSR1/SIGINT -> a flag that every rank sees at the same step. A second Ctrl-C
-    raises KeyboardInterrupt at once, for a user who will not wait for the checkpoint."""
+    """SIGTERM/SIGUSR1/SIGINT -> a flag that every rank sees at the same step. (A signal may
+    arrive twice, from the process group and forwarded by the launcher: it only sets the flag.)"""
 
     def __init__(self, world_size):
         self.world_size = world_size
@@ -42,8 +42,6 @@ class StopRequests:
                 pass
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise KeyboardInterrupt
         self.received = self.received or signum
 
     def agreed(self, due=False):
