@@ -633,8 +633,8 @@ ORDER_WORDS = dict(images='training images', classes='classes', world_size='proc
 
 def check_data_order(path, ckpt, order):
     """A mid-epoch checkpoint with another data order or schedule is refused (its remaining
-    steps would take other samples, some twice, some never); at an epoch end only the class
-    count must match (the online probe's head), and a changed schedule gets a note."""
+    steps would take other samples, some twice, some never); at an epoch end, as in the
+    reference, any may change (e.g. more --epochs) except the class count of the online probe."""
     if order is None:
         return
     saved = dict(ckpt.get('args') or {})
@@ -645,7 +645,7 @@ def check_data_order(path, ckpt, order):
     if not differ:
         return
     epoch, step = ckpt['epoch'], ckpt.get('step_in_epoch', 0)
-    if step:
+    if step:  # every rank raises alike: the checkpoint and the settings are the same on all
         raise InputError(f'{path} stopped at step {step} of epoch {epoch}, and the rest of that '
                          f'epoch cannot be continued exactly ({"; ".join(differ)}); resume with '
                          f'the same settings, or use another --checkpoint-dir')
@@ -653,10 +653,6 @@ def check_data_order(path, ckpt, order):
         raise InputError(f'{path}: the online probe was trained on {saved["classes"]} classes, '
                          f'the dataset now has {order["classes"]}; use --no-online-probe or '
                          f'another --checkpoint-dir')
-    if distributed.world_info()[0] == 0:
-        print(f'note: {path} continues at epoch {epoch} with other settings '
-              f'({"; ".join(differ)}); the learning-rate schedule follows the new ones',
-              file=sys.stderr, flush=True)
 
 
 def resume(args, model, optimizer, scaler, probe=None, order=None):
