@@ -40,7 +40,7 @@ import torchvision.transforms as transforms
 from torch import nn
 
 from cli import InputError
-from data import DECODE_ERRORS
+from data import DECODE_ERRORS, to_rgb
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(threshold=128): x >= 128 -> 255 - x
@@ -98,7 +98,7 @@ def crop_views(img, params, crop_size, draft=True):
         scale = width / got[1][2] if got else 1  # None: not a JPEG, or already decoded
     try:
         img.load()
-        rgb = img if img.mode == 'RGB' else img.convert('RGB')
+        rgb = to_rgb(img)
         pixels = torch.from_numpy(np.array(rgb))  # (H, W, 3)
     except DECODE_ERRORS as e:
         img.close()  # PIL leaves a file opened by path open when decoding fails
@@ -446,7 +446,7 @@ def _decode_one(data, device):
         return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
                                           device=device)
     except RuntimeError:
-        img = open_for_crop(data.numpy()).convert('RGB')
+        img = to_rgb(open_for_crop(data.numpy()))
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device)
 
 

@@ -36,7 +36,7 @@ import knn
 import main as pretrain
 import pack
 from backbones import ARCHS
-from cli import InputError
+from cli import ArgumentParser, InputError, non_negative_int, positive_int
 from data import image_folder, load_rgb
 
 SETTINGS = {
@@ -53,16 +53,16 @@ SETTINGS = {
 
 
 def get_arguments():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], prog='bench.py')
+    parser = ArgumentParser(description=__doc__.split('\n')[0], prog='bench.py')
     parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
     parser.add_argument('--arch', default='resnet50', choices=ARCHS)
     parser.add_argument('--projector', default='8192-8192-8192')
-    parser.add_argument('--batch-size', type=int, default=None,
+    parser.add_argument('--batch-size', type=positive_int, default=None,
                         help='per device (default 256 on GPU, 16 on CPU)')
-    parser.add_argument('--crop-size', type=int, default=224)
-    parser.add_argument('--steps', type=int, default=None,
+    parser.add_argument('--crop-size', type=positive_int, default=224)
+    parser.add_argument('--steps', type=positive_int, default=None,
                         help='timed steps per setting (default 20 on GPU, 3 on CPU)')
-    parser.add_argument('--warmup', type=int, default=None,
+    parser.add_argument('--warmup', type=non_negative_int, default=None,
                         help='untimed steps first (default 10 on GPU, 1 on CPU; compiling '
                              'happens there)')
     parser.add_argument('--settings', nargs='+', default=['reference', 'fast'],

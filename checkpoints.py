@@ -36,13 +36,30 @@ def save_atomic(obj, path):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
+        reason = write_failure(e, path.parent)  # before the unlink frees the space again
         tmp.unlink(missing_ok=True)
-        raise InputError(f'cannot write {path}: {e.strerror or e}; the previous file, if any, '
-                         f'is unchanged') from None
+        raise InputError(f'cannot write {path}: {reason}; the previous file, if any, is '
+                         f'unchanged') from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_failure(error, directory):
+    """Why a write into `directory` failed, in a few words. torch.save's C++ writer reports a
+    full disk as `RuntimeError: [enforce fail at inline_container.cc:...] unexpected pos ...`,
+    which says nothing to a user: the file system's free space tells."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    try:
+        stats = os.statvfs(directory)
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        free = None
+    if free is not None and free < 1 << 20:
+        return f'No space left on device ({free // 1024} KiB free)'
+    return _reason(error)
 
 
 def remove_temporaries(directory):

@@ -5,6 +5,7 @@ one line and exit non-zero. `ArgumentParser` does the same for argparse's own er
 flag types below reject bad values with a message naming the value.
 """
 import argparse
+import math
 import re
 
 
@@ -50,6 +51,31 @@ def positive_ints(text):
         raise argparse.ArgumentTypeError(f'expected positive integers joined by commas, '
                                          f'e.g. 20,200, got {text}') from None
     return values
+
+
+def finite_float(text, low=None, high=None, low_open=False):
+    """A float flag's value: never nan or inf (float() accepts both), within [low, high] when
+    given (low excluded when low_open)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'expected a finite number, got {text!r}')
+    if low is not None and (value < low or (low_open and value == low)):
+        raise argparse.ArgumentTypeError(f'expected a number {">" if low_open else ">="} {low:g}, '
+                                         f'got {text!r}')
+    if high is not None and value > high:
+        raise argparse.ArgumentTypeError(f'expected a number <= {high:g}, got {text!r}')
+    return value
+
+
+def non_negative_float(text):
+    return finite_float(text, low=0)
+
+
+def positive_float(text):
+    return finite_float(text, low=0, low_open=True)
 
 
 def unit_fraction(text):

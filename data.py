@@ -9,7 +9,9 @@ import io
 import itertools
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import weakref
@@ -27,12 +29,40 @@ from cli import InputError
 DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)
 
 
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def to_rgb(img):
+    """An 8-bit RGB copy of a decoded PIL image, whatever its mode.
+
+    PIL's convert('RGB') clips 16-bit pixels to 255 (a 16-bit PNG or TIFF turns white), and
+    32-bit integer or float pixels have no range it could scale from; a palette image with
+    transparency goes through RGBA (the same colours, without PIL's warning). Raises ValueError
+    for what has no defined 8-bit meaning.
+    """
+    if img.mode == 'RGB':
+        return img
+    if img.mode in SIXTEEN_BIT_MODES or (img.mode == 'I' and img.format == 'PNG'):
+        # 16-bit samples (a PNG's may open as 32-bit 'I'): 0..65535 -> 0..255, rounded
+        pixels = np.asarray(img, dtype=np.uint32)
+        return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), 'L') \
+            .convert('RGB')
+    if img.mode in ('I', 'F'):
+        kind = 'floating-point' if img.mode == 'F' else '32-bit integer'
+        raise ValueError(f'{kind} pixels (PIL mode {img.mode}) have no defined 8-bit range; '
+                         f'convert the file to 8-bit RGB')
+    if img.mode == 'P' and 'transparency' in img.info:
+        img = img.convert('RGBA')
+    return img.convert('RGB')
+
+
 def load_rgb(path):
     """Open an image as RGB; any decoding problem names the file."""
     try:
         with open(path, 'rb') as f:
             img = Image.open(f)
-            return img.convert('RGB')  # forces the full decode, so truncation shows up here
+            img.load()  # the full decode, so truncation shows up here
+            return to_rgb(img)
     except DECODE_ERRORS as e:
         raise InputError(f'cannot read image {path}: {e}') from None
 
@@ -40,7 +70,9 @@ def load_rgb(path):
 def decode_rgb(data, name):
     """`load_rgb` for an encoded image held in memory (bytes); a problem names `name`."""
     try:
-        return Image.open(io.BytesIO(data)).convert('RGB')
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return to_rgb(img)
     except DECODE_ERRORS as e:
         raise InputError(f'cannot read image {name}: {e}') from None
 
@@ -62,11 +94,37 @@ def image_folder(root, transform=None, split='train', loader=None):
     if not folder.is_dir():
         raise InputError(f'{folder} not found: expected the ImageFolder layout '
                          f'{root}/{split}/<class>/<image>')
+    check_folder_links(folder)
     try:
         return torchvision.datasets.ImageFolder(folder, transform, loader=loader or load_rgb)
     except FileNotFoundError as e:
         # "Couldn't find any class folder" / "Found no valid file for the classes ..."
         raise InputError(f'{folder}: {e}'.replace('\n', ' ')) from None
+
+
+def check_folder_links(folder):
+    """Refuse symbolic links that would list images more than once: torchvision follows links
+    to folders, so a link to a folder that contains it repeats its images until the path is too
+    long (16 images became 336), and two paths to one folder count its images twice."""
+    reached = {os.path.realpath(folder): Path(folder)}
+    pending = [Path(folder)]
+    while pending:
+        current = pending.pop()
+        here = os.path.realpath(current)
+        try:
+            entries = [e for e in os.scandir(current) if e.is_dir()]
+        except OSError as e:
+            raise InputError(f'cannot list {current}: {e.strerror or e}') from None
+        for entry in entries:
+            path, real = Path(entry.path), os.path.realpath(entry.path)
+            if entry.is_symlink() and (here + os.sep).startswith(real + os.sep):
+                raise InputError(f'{path} links to {real}, a folder that contains it: a loop '
+                                 f'that would list the same images again and again; remove it')
+            if real in reached:
+                raise InputError(f'{path} and {reached[real]} are the same folder ({real}): its '
+                                 f'images would count twice; remove one of them')
+            reached[real] = path
+            pending.append(path)
 
 
 # Packed datasets: one HDF5 file (PyTables) written by pack.py, one group per split (/train,
@@ -97,6 +155,21 @@ def import_tables(path):
     return tables
 
 
+def hdf5_reason(error):
+    """What an HDF5 error says, in a few words. Its first line is only 'HDF5 error back trace';
+    the innermost frame of the trace, its last indented line, names the cause."""
+    text = str(error)
+    frames = [line.strip() for line in text.split('End of HDF5 error back trace')[0].splitlines()
+              if line.startswith('    ')]
+    cause = frames[-1] if frames else text.strip().splitlines()[-1].strip() if text.strip() \
+        else type(error).__name__
+    truncated = re.search(r'truncated file: eof = (\d+).*stored_eof = (\d+)', cause)
+    if truncated:
+        return (f'the file is truncated ({truncated.group(1)} of its {truncated.group(2)} bytes '
+                f'are there; copy it again, or rerun pack.py)')
+    return cause
+
+
 def open_pack(path, mode='r', **params):
     """A pack.py file opened with PyTables; a missing file or any other file is an InputError."""
     tables = import_tables(path)
@@ -107,8 +180,7 @@ def open_pack(path, mode='r', **params):
     try:
         h5 = tables.open_file(str(path), mode, **params)
     except (OSError, tables.HDF5ExtError, ValueError) as e:
-        reason = str(e).strip().split('\n')[0]
-        raise InputError(f'cannot open packed file {path}: {reason}') from None
+        raise InputError(f'cannot open packed file {path}: {hdf5_reason(e)}') from None
     if getattr(h5.root._v_attrs, 'format', None) != PACK_FORMAT:
         h5.close()
         raise InputError(f'{path} is not a file written by pack.py')
@@ -121,9 +193,13 @@ def pack_split_group(h5, path, split):
         present = ', '.join(sorted(g._v_name for g in h5.iter_nodes('/', 'Group'))) or 'none'
         raise InputError(f"{path} has no split '{split}' (splits in it: {present})")
     group = h5.get_node(f'/{split}')
-    if not getattr(group._v_attrs, 'complete', False):
-        raise InputError(f"{path}: split '{split}' is not finished ({group._v_attrs.packed} images "
-                         f'so far); rerun the pack.py command to complete it')
+    missing = [name for name in ('data', 'offsets', 'labels', 'names', 'classes')
+               if name not in group]
+    if not getattr(group._v_attrs, 'complete', False) or missing:
+        packed = getattr(group._v_attrs, 'packed', 0)
+        raise InputError(f"{path}: split '{split}' is not finished ({packed} images so far"
+                         + (f'; no {", ".join(missing)} yet' if missing else '')
+                         + '); rerun the pack.py command to complete it')
     return group
 
 
@@ -170,8 +246,7 @@ class PackedImageFolder(torch.utils.data.Dataset):
         try:
             data = self._data_array().read(self._offsets[record], self._offsets[record + 1])
         except (OSError, tables.HDF5ExtError) as e:
-            reason = str(e).strip().split('\n')[0]
-            raise InputError(f'cannot read image {path}: {reason}') from None
+            raise InputError(f'cannot read image {path}: {hdf5_reason(e)}') from None
         sample = self.loader(data.tobytes(), path)
         if self.transform is not None:
             sample = self.transform(sample)
@@ -342,17 +417,27 @@ class SeededSamples(torch.utils.data.Dataset):
 
 class EpochSampler(torch.utils.data.distributed.DistributedSampler):
     """DistributedSampler that can start an epoch after its first `start` samples (mid-epoch
-    resume: the remaining batches are exactly those an uninterrupted epoch would have had)."""
+    resume: the remaining batches are exactly those an uninterrupted epoch would have had) and
+    end it after `epoch_samples` (default: all `num_samples` of this rank)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.start = 0
+        self.epoch_samples = self.num_samples
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
+        return itertools.islice(super().__iter__(), self.start, self.epoch_samples)
 
     def __len__(self):
-        return self.num_samples - self.start
+        return max(0, self.epoch_samples - self.start)
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: SIGTERM and SIGINT go to the whole process group (scancel,
+    SLURM time limits, Ctrl-C); only the main process acts on them (it stops at the next step
+    and checkpoints), so a worker must not die of them first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def seed_everything(seed, epoch=None, rank=0):
@@ -397,5 +482,5 @@ def make_eval_loader(dataset, batch_size, workers, info):
     """A loader over this rank's ShardSampler shard, for validate() and the kNN features."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers,
-        pin_memory=info.device.type == 'cuda',
+        pin_memory=info.device.type == 'cuda', worker_init_fn=ignore_stop_signals,
         sampler=ShardSampler(len(dataset), info.rank, info.world_size))

@@ -293,7 +293,7 @@ def launch(fn, fn_args=(), device='auto'):
         for process in context.processes:
             if process.is_alive():
                 os.kill(process.pid, signum)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # Ctrl-C: no launcher traceback
         signal.signal(sig, forward)
     try:
         while not context.join():

@@ -38,8 +38,10 @@ import distributed
 from augmentations import train_transform, val_transform
 from backbones import ARCHS, build_backbone, load_backbone_state
 from checkpoints import checkpoint_args, load_checkpoint_file, match_state_dict, save_atomic
-from cli import ArgumentParser, InputError, non_negative_int, positive_int, positive_ints
-from data import EpochSampler, align_classes, image_folder, make_eval_loader, seed_everything
+from cli import (ArgumentParser, InputError, non_negative_float, non_negative_int, positive_float,
+                 positive_int, positive_ints)
+from data import (EpochSampler, align_classes, ignore_stop_signals, image_folder,
+                  make_eval_loader, seed_everything)
 from knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
 from monitor import StatsLog
 from preemption import StopRequests, Stopped, stop_signals_end_it
@@ -83,11 +85,11 @@ def get_arguments():
     parser.add_argument('--batch-size', default=256, type=positive_int, metavar='N',
                         help='global mini-batch size, divided over the processes (training and '
                              'validation)')
-    parser.add_argument('--lr-backbone', default=0.0, type=float, metavar='LR',
+    parser.add_argument('--lr-backbone', default=0.0, type=non_negative_float, metavar='LR',
                         help='backbone base learning rate (finetune only)')
-    parser.add_argument('--lr-classifier', default=0.3, type=float, metavar='LR',
+    parser.add_argument('--lr-classifier', default=0.3, type=non_negative_float, metavar='LR',
                         help='classifier base learning rate')
-    parser.add_argument('--weight-decay', default=1e-6, type=float, metavar='W',
+    parser.add_argument('--weight-decay', default=1e-6, type=non_negative_float, metavar='W',
                         help='weight decay')
     parser.add_argument('--print-freq', default=100, type=positive_int, metavar='N',
                         help='print frequency (steps)')
@@ -118,7 +120,8 @@ def get_arguments():
                              'set, or its subset, as the bank) and log {k: top-1}')
     parser.add_argument('--knn-k', default=KNN_KS, type=positive_ints, metavar='K[,K...]',
                         help='neighbour counts for --knn (default 20,200; capped at the bank size)')
-    parser.add_argument('--knn-temperature', default=KNN_TEMPERATURE, type=float, metavar='T',
+    parser.add_argument('--knn-temperature', default=KNN_TEMPERATURE, type=positive_float,
+                        metavar='T',
                         help='kNN vote weight exp(cosine similarity / T) (default 0.07)')
     parser.add_argument('--seed', default=0, type=int,
                         help='seed for the head initialisation, data order and augmentations')
@@ -136,8 +139,6 @@ def parse_arguments(argv=None):
         parser.error('--train-files selects a subset: give --train-percent 1 or 10 with it')
     if args.crop_size < 8:
         parser.error(f'--crop-size {args.crop_size} is too small (at least 8)')
-    if args.knn_temperature <= 0:
-        parser.error(f'--knn-temperature must be positive, got {args.knn_temperature}')
     if args.checkpoint_dir is None:
         args.checkpoint_dir = default_checkpoint_dir(args.weights, args.train_percent, args.knn)
     return args
@@ -228,7 +229,9 @@ def linear_eval(info, args):
 
 
 def end_epoch(run, epoch, val_loader, pretrained):
-    """Validate, log, check the frozen backbone, step the schedule, checkpoint."""
+    """Check the weights, validate, log, check the frozen backbone, step the schedule,
+    checkpoint."""
+    stop_if_weights_non_finite(run.model, run.optimizer, run.args, epoch)
     acc1, acc5 = validate(run.model.module, val_loader, run.info.device)
     best = run.best_acc = dict(top1=max(run.best_acc['top1'], acc1),
                                top5=max(run.best_acc['top5'], acc5))
@@ -264,6 +267,8 @@ def train_one_epoch(run, epoch, first_step=0):
     # (the head is a Linear layer, which has no train/eval difference).
     run.model.train(args.weights == 'finetune')
     criterion = nn.CrossEntropyLoss()
+    # First step with a non-finite loss on this rank, kept on the device (no wait per step).
+    bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
     first = epoch * run.steps_per_epoch + first_step
     for step, (images, target) in enumerate(loader, start=first):
         output = run.model(images.to(info.device, non_blocking=True))
@@ -271,17 +276,23 @@ def train_one_epoch(run, epoch, first_step=0):
         run.optimizer.zero_grad()
         loss.backward()
         run.optimizer.step()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if step % args.print_freq == 0:
             log_step(run, epoch, step, loss)
         signum, _ = run.stop.agreed()
-        if signum:
+        if signum:  # never checkpoint a diverged model: every rank checks
+            stop_if_non_finite(run, epoch, bad_step)
+            stop_if_weights_non_finite(run.model, run.optimizer, args, epoch)
             stop_at(run, signum, epoch, step + 1 - epoch * run.steps_per_epoch)
+    stop_if_non_finite(run, epoch, bad_step)
 
 
 def log_step(run, epoch, step, loss):
     loss = loss.detach() / run.info.world_size
     if run.info.world_size > 1:
         dist.all_reduce(loss)  # mean over ranks, as the reference's reduce to rank 0
+    if not torch.isfinite(loss):  # the mean over ranks: every rank stops here
+        raise diverged(run.args, epoch, f'loss at step {step}')
     groups = run.optimizer.param_groups
     run.log.write(dict(epoch=epoch, step=step,
                        lr_backbone=groups[1]['lr'] if len(groups) == 2 else 0,
@@ -297,6 +308,28 @@ def stop_at(run, signum, epoch, steps_done):
     requeued = run.info.is_main and StopRequests.requeue_if_slurm(signum)
     raise Stopped(f'stopped by signal {signum} at epoch {epoch}, step {steps_done} of the epoch; '
                   f'checkpoint saved' + ('; job requeued' if requeued else ''))
+
+
+def stop_if_non_finite(run, epoch, bad_step):
+    if run.info.world_size > 1:
+        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)  # the ranks stop together
+    if int(bad_step) >= 0:
+        raise diverged(run.args, epoch, f'loss at step {int(bad_step)}')
+
+
+def diverged(args, epoch, what):
+    return InputError(f'non-finite {what} (epoch {epoch}); stopping without saving, the last good '
+                      f'checkpoint in {args.checkpoint_dir} is unchanged (try a lower '
+                      f'--lr-classifier or --lr-backbone)')
+
+
+def stop_if_weights_non_finite(model, optimizer, args, epoch):
+    """Before validating and checkpointing: the update after the last finite loss may not be."""
+    state = [t for t in model.state_dict().values() if t.is_floating_point()]
+    state += [t for s in optimizer.state.values() for t in s.values()
+              if torch.is_tensor(t) and t.is_floating_point()]
+    if state and not bool(torch.stack([torch.isfinite(t).all() for t in state]).all()):
+        raise diverged(args, epoch, 'weights after the last step')
 
 
 @torch.no_grad()
@@ -491,7 +524,7 @@ def build_loaders(args, info, train_set, val_set):
                            seed=args.seed)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=per_rank, num_workers=args.workers,
-        pin_memory=info.device.type == 'cuda', sampler=sampler)
+        pin_memory=info.device.type == 'cuda', sampler=sampler, worker_init_fn=ignore_stop_signals)
     return train_loader, make_eval_loader(val_set, per_rank, args.workers, info)
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import distributed
 from augmentations import val_transform
 from cli import InputError
-from data import align_classes, image_folder, is_pack_path, make_eval_loader
+from data import SeededSamples, align_classes, image_folder, is_pack_path, make_eval_loader
 
 KNN_KS = (20, 200)
 KNN_TEMPERATURE = 0.07
@@ -210,6 +210,9 @@ def build_monitor_loaders(args, info):
         held_out = list(range(0, len(bank), 10))
         kept = sorted(set(range(len(bank))) - set(held_out))
         bank, queries = (torch.utils.data.Subset(bank, kept), torch.utils.data.Subset(bank, held_out))
+    if args.bad_images == 'skip':  # the training loader's policy holds for these images too
+        bank, queries = (SeededSamples(bank, args.seed, skip_bad=True),
+                         SeededSamples(queries, args.seed, skip_bad=True))
     per_device = args.batch_size // info.world_size
     return (make_eval_loader(bank, per_device, args.workers, info),
             make_eval_loader(queries, per_device, args.workers, info))

@@ -33,9 +33,10 @@ from augmentations import (IMAGENET_MEAN, IMAGENET_STD, CropTransform, FastTwoVi
 from backbones import ARCHS, build_backbone
 from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint_file,
                          match_state_dict, remove_temporaries, save_atomic)
-from cli import (ArgumentParser, InputError, duration, non_negative_int, positive_int,
-                 probability_pair, unit_fraction)
-from data import EpochSampler, SeededSamples, image_folder, make_demo_dataset, seed_everything
+from cli import (ArgumentParser, InputError, duration, non_negative_float, non_negative_int,
+                 positive_float, positive_int, probability_pair, unit_fraction)
+from data import (EpochSampler, SeededSamples, ignore_stop_signals, image_folder,
+                  make_demo_dataset, seed_everything)
 from monitor import OnlineProbe, Progress, StatsLog
 from preemption import RunLock, StopRequests, Stopped
 
@@ -59,19 +60,21 @@ def get_arguments():
                         help='number of total epochs to run')
     parser.add_argument('--batch-size', default=2048, type=positive_int, metavar='N',
                         help='global mini-batch size, divided over the processes')
-    parser.add_argument('--learning-rate-weights', default=None, type=float, metavar='LR',
+    parser.add_argument('--learning-rate-weights', default=None, type=non_negative_float,
+                        metavar='LR',
                         help='base learning rate for weights (default 0.2)')
-    parser.add_argument('--learning-rate-biases', default=None, type=float, metavar='LR',
+    parser.add_argument('--learning-rate-biases', default=None, type=non_negative_float,
+                        metavar='LR',
                         help='base learning rate for biases and batch norm parameters '
                              '(default 0.0048)')
-    parser.add_argument('--learning-rate', default=None, type=float, metavar='LR',
+    parser.add_argument('--learning-rate', default=None, type=non_negative_float, metavar='LR',
                         help='earlier release: one base learning rate for all parameters '
                              '(excludes --learning-rate-weights/--learning-rate-biases)')
-    parser.add_argument('--scale-loss', default=1.0, type=float, metavar='S',
+    parser.add_argument('--scale-loss', default=1.0, type=positive_float, metavar='S',
                         help='earlier release: multiply both loss terms by S (0.024 there)')
-    parser.add_argument('--weight-decay', default=1e-6, type=float, metavar='W',
+    parser.add_argument('--weight-decay', default=1e-6, type=non_negative_float, metavar='W',
                         help='weight decay')
-    parser.add_argument('--lambd', default=0.0051, type=float, metavar='L',
+    parser.add_argument('--lambd', default=0.0051, type=non_negative_float, metavar='L',
                         help='weight on off-diagonal terms')
     parser.add_argument('--projector', default='8192-8192-8192', type=str, metavar='MLP',
                         help='projector MLP')
@@ -266,8 +269,8 @@ class Run:
     def steps_per_epoch(self):
         # The full epoch's length, also while a resumed epoch's loader yields fewer batches.
         sampler, batch = self.loader.sampler, self.loader.batch_size
-        return sampler.num_samples // batch if self.loader.drop_last \
-            else math.ceil(sampler.num_samples / batch)
+        return sampler.epoch_samples // batch if self.loader.drop_last \
+            else math.ceil(sampler.epoch_samples / batch)
 
 
 def train(info, args):
@@ -307,7 +310,8 @@ def build_run(info, args):
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == 'fp16')
     loader = build_loader(args, info)
     probe = build_probe(args, info, model, loader.dataset.dataset)
-    start_epoch, start_step = resume(args, model, optimizer, scaler, probe)
+    start_epoch, start_step = resume(args, model, optimizer, scaler, probe,
+                                     data_order(args, info, loader))
     progress = Progress(len(loader), args.epochs, args.batch_size, info.is_main)
     run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress,
               StopRequests(info.world_size, info.device), probe,
@@ -326,10 +330,10 @@ def train_epochs(run, start_epoch, start_step):
         seed_everything(args.seed, epoch, info.rank)
         train_one_epoch(run, epoch, start_step if epoch == start_epoch else 0)
         stop_if_weights_non_finite(run, (epoch + 1) * run.steps_per_epoch - 1)
+        if info.is_main:  # before monitoring: a failure there must not cost the epoch
+            save_checkpoint(run, epoch + 1)
         if args.knn_every and (epoch + 1) % args.knn_every == 0:
             knn_monitor(run, epoch)
-        if info.is_main:
-            save_checkpoint(run, epoch + 1)
     if info.is_main:
         backbone = run.model.module.backbone.state_dict()
         save_atomic(backbone, args.checkpoint_dir / f'{args.arch}.pth')
@@ -529,7 +533,8 @@ def roll_back(run, error):
         dist.barrier()  # every rank is here: no checkpoint write under way
     # resume() also restores lr_scale and rollbacks_done: the checkpoint holds the current ones,
     # as every rollback rewrites it below before training goes on
-    epoch, step = resume(args, run.model, run.optimizer, run.scaler, run.probe)
+    epoch, step = resume(args, run.model, run.optimizer, run.scaler, run.probe,
+                         data_order(args, info, run.loader))
     run.health.reset()
     args.lr_scale *= args.rollback_lr_factor
     args.rollbacks_done += 1
@@ -611,21 +616,47 @@ def build_loader(args, info):
     dataset = SeededSamples(folder, args.seed, skip_bad=args.bad_images == 'skip')
     sampler = EpochSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                            seed=args.seed)
+    per_process = args.batch_size // info.world_size
+    check_epoch_steps(args, info, len(dataset), sampler, per_process)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size // info.world_size, num_workers=args.workers,
-        pin_memory=info.device.type == 'cuda', sampler=sampler, drop_last=args.drop_last)
+        dataset, batch_size=per_process, num_workers=args.workers,
+        pin_memory=info.device.type == 'cuda', sampler=sampler, drop_last=args.drop_last,
+        worker_init_fn=ignore_stop_signals)
+
+
+def check_epoch_steps(args, info, images, sampler, per_process):
+    """Every step needs at least 2 images per process: BatchNorm (the projector's, and the
+    online probe's, which is per process) cannot normalise one. An epoch without steps, or with
+    only such steps, is an error before training; a last batch of one image per process is
+    dropped (on every rank alike: the sampler gives each the same count), with a note."""
+    where = f'{images} images, --batch-size {args.batch_size} over {info.world_size} process(es)'
+    if per_process < 2:
+        raise InputError(f'{where}: {per_process} image per process per step; BatchNorm needs at '
+                         f'least 2, use a --batch-size of at least {2 * info.world_size}')
+    if args.drop_last and sampler.num_samples < per_process:
+        raise InputError(f'{where} with --drop-last: {sampler.num_samples} image(s) per '
+                         f'process, no complete batch, so an epoch would have no step; use a '
+                         f'smaller --batch-size or leave out --drop-last')
+    if not args.drop_last and sampler.num_samples % per_process == 1:
+        if sampler.num_samples == 1:
+            raise InputError(f'{where}: 1 image per process, which BatchNorm cannot normalise; '
+                             f'use fewer processes or more images')
+        sampler.epoch_samples = sampler.num_samples - 1
+        if info.is_main:
+            print(f'note: {where} leave a last batch of 1 image per process in every epoch, '
+                  f'which BatchNorm cannot normalise; it is dropped ({info.world_size} image(s) '
+                  f'per epoch; --drop-last or another --batch-size avoids this)',
+                  file=sys.stderr, flush=True)
 
 
 def knn_monitor(run, epoch):
     bank_loader, query_loader = run.knn_loaders
-    folder = bank_loader.dataset.dataset if isinstance(bank_loader.dataset,
-                                                       torch.utils.data.Subset) \
-        else bank_loader.dataset
+    classes = run.loader.dataset.dataset.classes  # the bank is the training set (or part of it)
     autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(run.precision)
     with torch.autocast(run.info.device.type, dtype=autocast_dtype,
                         enabled=autocast_dtype is not None):
         top1 = knn.knn_evaluate(run.model.module.backbone, bank_loader, query_loader,
-                                run.info.device, num_classes=len(folder.classes))
+                                run.info.device, num_classes=len(classes))
     run.model.train()  # knn_evaluate put the backbone in eval mode
     stats = dict(epoch=epoch, **{f'knn_top1_k{k}': v for k, v in top1.items()},
                  time=int(time.time() - run.start_time))
@@ -655,16 +686,56 @@ def save_checkpoint(run, epoch, steps_done=0):
     state = dict(epoch=epoch, step_in_epoch=steps_done, model=run.model.state_dict(),
                  optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
                  args=checkpoint_args(run.args), lr_scale=run.args.lr_scale,
-                 rollbacks_done=run.args.rollbacks_done)
+                 rollbacks_done=run.args.rollbacks_done,
+                 data_order=data_order(run.args, run.info, run.loader))
     if run.probe is not None:
         state['probe'] = run.probe.state_dict()
     save_atomic(state, run.args.checkpoint_dir / 'checkpoint.pth')
 
 
-def resume(args, model, optimizer, scaler, probe=None):
+def data_order(args, info, loader):
+    """What decides which samples an epoch's remaining steps take, in what order, and at which
+    learning rates: a mid-epoch checkpoint continues exactly only if all of it is unchanged."""
+    return dict(images=len(loader.dataset), classes=len(loader.dataset.dataset.classes),
+                world_size=info.world_size, batch_size=args.batch_size,
+                drop_last=args.drop_last, seed=args.seed, epochs=args.epochs,
+                warmup_epochs=args.warmup_epochs)
+
+
+ORDER_WORDS = dict(images='training images', classes='classes', world_size='processes',
+                   batch_size='--batch-size', drop_last='--drop-last', seed='--seed',
+                   epochs='--epochs', warmup_epochs='--warmup-epochs')
+
+
+def check_data_order(path, ckpt, order):
+    """A mid-epoch checkpoint with another data order or schedule is refused (its remaining
+    steps would take other samples, some twice, some never); at an epoch end, as in the
+    reference, any may change (e.g. more --epochs) except the class count of the online probe."""
+    if order is None:
+        return
+    saved = dict(ckpt.get('args') or {})
+    saved = {k: saved[k] for k in order if k in saved}
+    saved.update(ckpt.get('data_order') or {})
+    differ = [f'{ORDER_WORDS[k]} {saved[k]} then, {order[k]} now' for k in order
+              if k in saved and saved[k] != order[k]]
+    if not differ:
+        return
+    epoch, step = ckpt['epoch'], ckpt.get('step_in_epoch', 0)
+    if step:  # every rank raises alike: the checkpoint and the settings are the same on all
+        raise InputError(f'{path} stopped at step {step} of epoch {epoch}, and the rest of that '
+                         f'epoch cannot be continued exactly ({"; ".join(differ)}); resume with '
+                         f'the same settings, or use another --checkpoint-dir')
+    if 'classes' in saved and saved['classes'] != order['classes'] and ckpt.get('probe'):
+        raise InputError(f'{path}: the online probe was trained on {saved["classes"]} classes, '
+                         f'the dataset now has {order["classes"]}; use --no-online-probe or '
+                         f'another --checkpoint-dir')
+
+
+def resume(args, model, optimizer, scaler, probe=None, order=None):
     """Resume from checkpoint_dir/checkpoint.pth when present (ours or the reference's).
 
-    Returns (epoch, steps already done in that epoch)."""
+    `order` (data_order) is checked against the checkpoint's. Returns (epoch, steps already done
+    in that epoch)."""
     path = args.checkpoint_dir / 'checkpoint.pth'
     if not path.is_file():
         return 0, 0
@@ -676,6 +747,7 @@ def resume(args, model, optimizer, scaler, probe=None):
         if key in saved and saved[key] != getattr(args, key):
             raise InputError(f'{path} was written with --{key.replace("_", "-")} {saved[key]}, '
                              f'this run has {getattr(args, key)}; use another --checkpoint-dir')
+    check_data_order(path, ckpt, order)
     model.load_state_dict(match_state_dict(ckpt['model'], model, str(path)))
     saved_groups = len(ckpt['optimizer'].get('param_groups', []))
     if saved_groups != len(optimizer.param_groups):
@@ -696,7 +768,12 @@ def resume(args, model, optimizer, scaler, probe=None):
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     if probe is not None and ckpt.get('probe'):
-        probe.load_state_dict(ckpt['probe'])
+        try:
+            probe.load_state_dict(ckpt['probe'])
+        except (RuntimeError, ValueError, KeyError) as e:  # another class count
+            reason = str(e).strip().splitlines()[-1].strip()
+            raise InputError(f'{path}: the online probe does not fit this dataset ({reason}); '
+                             f'use --no-online-probe or another --checkpoint-dir') from None
     args.lr_scale = float(ckpt.get('lr_scale', 1.0))  # lowered by earlier --rollbacks
     args.rollbacks_done = int(ckpt.get('rollbacks_done', 0))
     return ckpt['epoch'], ckpt.get('step_in_epoch', 0)

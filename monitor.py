@@ -29,8 +29,9 @@ class StatsLog:
             self.file = open(path, 'a', buffering=1)
         except OSError as e:
             raise InputError(f'cannot write {path}: {e.strerror or e}') from None
+        self.path = path
         print(command, flush=True)
-        print(command, file=self.file)
+        self._append(command)
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -44,7 +45,7 @@ class StatsLog:
             return
         line = json.dumps(stats)
         print(line, flush=True)
-        print(line, file=self.file)
+        self._append(line)
         if self.tensorboard is not None:
             for key, value in stats.items():
                 if key not in ('epoch', 'step', 'time') and isinstance(value, (int, float)):
@@ -55,11 +56,20 @@ class StatsLog:
         if self.file is None:
             return
         print(text, file=sys.stderr, flush=True)
-        print(text, file=self.file)
+        self._append(text)
+
+    def _append(self, line):
+        try:
+            print(line, file=self.file)
+        except OSError as e:  # a full disk: stop with the reason rather than a traceback
+            raise InputError(f'cannot write {self.path}: {e.strerror or e}') from None
 
     def close(self):
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass  # the line that did not fit was reported by _append already
         if self.tensorboard is not None:
             self.tensorboard.close()
 

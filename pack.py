@@ -20,14 +20,15 @@ import os
 import signal
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from cli import ArgumentParser, InputError, non_negative_int
-from data import (PACK_FORMAT, PACK_SUFFIXES, PACK_VERSION, decode_rgb, import_tables,
-                  open_pack, pack_split_group, read_strings)
+from cli import ArgumentParser, InputError, non_negative_int, positive_int
+from data import (PACK_FORMAT, PACK_SUFFIXES, PACK_VERSION, check_folder_links, decode_rgb,
+                  hdf5_reason, import_tables, open_pack, pack_split_group, read_strings)
 
 PROGRESS_SECONDS = 10
 CHUNK = 16  # images per job sent to a worker
@@ -49,7 +50,7 @@ def get_arguments():
                              '0 reads in the main process)')
     parser.add_argument('--skip-bad', action='store_true',
                         help='leave unreadable images out (listed at the end) instead of stopping')
-    parser.add_argument('--commit-every', type=int, default=1000, metavar='N',
+    parser.add_argument('--commit-every', type=positive_int, default=1000, metavar='N',
                         help='make progress durable every N images (default: 1000)')
     parser.add_argument('--check', type=Path, metavar='FILE',
                         help='instead of packing: check FILE and decode every image in it')
@@ -63,8 +64,6 @@ def main(argv=None):
         parser.error('--check FILE takes no DIR or output FILE')
     if args.check is None and args.output is None:
         parser.error('give the dataset folder DIR and the output FILE (or --check FILE)')
-    if args.workers < 0 or args.commit_every < 1:
-        parser.error('--workers must be >= 0 and --commit-every >= 1')
     try:
         if args.check is not None:
             check(args.check, args.workers)
@@ -89,10 +88,17 @@ def pack(args):
         print(f'pack.py: warning: main.py and evaluate.py recognise a packed file by its name '
               f'ending in {" or ".join(PACK_SUFFIXES)}', file=sys.stderr)
     tables = import_tables(args.output)
-    with worker_pool(args.workers) as pool, open_output(args.output) as h5:
-        skipped = []
-        for split, listing in listings.items():
-            skipped += pack_split(h5, split, args.source / split, listing, args, pool)
+    try:
+        with worker_pool(args.workers) as pool, open_output(args.output) as h5:
+            record_splits(h5, args.splits)
+            skipped = []
+            for split, listing in listings.items():
+                skipped += pack_split(h5, split, args.source / split, listing, args, pool)
+    except (OSError, tables.HDF5ExtError) as e:  # a full disk, an I/O error: never "done"
+        raise InputError(f'cannot write {args.output}: {write_reason(e, args.output)}; rerun '
+                         f'the command to continue from the last commit (if the rerun finds '
+                         f'the file damaged, write to a new file)') from None
+    verify_written(args.output, args.splits)
     if skipped:
         print(f'skipped {len(skipped)} unreadable image(s), not in {args.output}:', file=sys.stderr)
         for name in skipped:
@@ -101,18 +107,90 @@ def pack(args):
           file=sys.stderr)
 
 
+def write_reason(error, path):
+    """Why writing `path` failed: HDF5's trace names the cause deep inside; a full disk often
+    only shows as missing free space."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    try:
+        stats = os.statvfs(path.parent)
+        if stats.f_bavail * stats.f_frsize < 1 << 20:
+            return 'No space left on device'
+    except OSError:
+        pass
+    return hdf5_reason(error)
+
+
+def record_splits(h5, splits):
+    """The root attribute `splits`: every split any run of the command was asked to pack, so
+    that --check (and the final verification) can tell a split that is missing altogether."""
+    listed = json.loads(getattr(h5.root._v_attrs, 'splits', '[]'))
+    h5.root._v_attrs.splits = json.dumps(listed + [s for s in splits if s not in listed])
+    sync(h5)
+
+
+def verify_written(path, splits):
+    """Read back what the file now holds: every split finished, consistent, and its data the
+    bytes that were appended (their CRC-32, recorded at each commit). HDF5 can lose writes on a
+    full disk without an error; this is what tells."""
+    try:
+        with open_pack(path) as h5:
+            for split in splits:
+                check_split_arrays(h5, path, split)
+                check_data_crc(h5, path, split)
+    except InputError as e:
+        reason = write_reason(InputError(''), path)
+        if reason == 'No space left on device':  # the likely cause: say so, not only the effect
+            raise InputError(f'cannot write {path}: {reason}, and what was written is '
+                             f'incomplete ({e}); HDF5 may have lost writes silently: free space '
+                             f'and write to a new file') from None
+        raise
+
+
+def check_data_crc(h5, path, split):
+    group = h5.get_node(f'/{split}')
+    expected = getattr(group._v_attrs, 'crc32', None)
+    if expected is None:  # written before CRCs were recorded
+        return
+    if data_crc(group.data, group.data.nrows) != int(expected):
+        raise InputError(f'{path}:{split}: the stored images are not the bytes that were '
+                         f'written (CRC-32 differs; a full disk or an I/O error lost some); '
+                         f'write to a new file')
+
+
+def data_crc(array, end, start=0, crc=0, block=1 << 26):
+    for i in range(start, end, block):
+        crc = zlib.crc32(array.read(i, min(i + block, end)).tobytes(), crc)
+    return crc
+
+
 def list_split(source, split):
     """(classes, [(name, label, path)]) in torchvision ImageFolder's order; name: <class>/<file>."""
     folder = source / split
     if not folder.is_dir():
         raise InputError(f'{folder} not found: expected the ImageFolder layout '
                          f'{source}/{split}/<class>/<image>')
+    check_folder_links(folder)
     try:
         classes, class_to_idx = find_classes(folder)
         samples = make_dataset(folder, class_to_idx, IMG_EXTENSIONS)
     except FileNotFoundError as e:  # no class folder, or a class folder without images
         raise InputError(f'{folder}: {e}'.replace('\n', ' ')) from None
-    return classes, [(Path(p).relative_to(folder).as_posix(), t, p) for p, t in samples]
+    items = [(Path(p).relative_to(folder).as_posix(), t, p) for p, t in samples]
+    for name in classes + [name for name, _, _ in items]:
+        check_utf8(folder, name)
+    return classes, items
+
+
+def check_utf8(folder, name):
+    """Names are stored as UTF-8; a name that is not (undecodable bytes, which Python keeps as
+    surrogates) is refused before anything is written."""
+    try:
+        name.encode('utf-8')
+    except UnicodeEncodeError:
+        shown = os.fsencode(name).decode('utf-8', 'replace')
+        raise InputError(f'{folder}/{shown}: the name is not valid UTF-8 (undecodable bytes '
+                         f'shown as \ufffd); rename it, e.g. with convmv, and rerun') from None
 
 
 def open_output(path):
@@ -120,6 +198,8 @@ def open_output(path):
     tables = import_tables(path)
     if path.is_dir():
         raise InputError(f'cannot write {path}: it is a directory')
+    if path.exists() and never_started(path):
+        path.unlink()  # left by a pack that failed before writing anything (a full disk)
     if path.exists():
         h5 = open_pack(path, 'a')
         if h5.root._v_attrs.version != PACK_VERSION:
@@ -132,11 +212,33 @@ def open_output(path):
     try:
         h5 = tables.open_file(str(path), 'w')
     except (OSError, tables.HDF5ExtError) as e:
-        reason = getattr(e, 'strerror', None) or str(e).strip().split('\n')[0]
-        raise InputError(f'cannot write {path}: {reason}') from None
-    h5.root._v_attrs.format = PACK_FORMAT
-    h5.root._v_attrs.version = PACK_VERSION
+        path.unlink(missing_ok=True)  # HDF5 may have created it before failing
+        raise InputError(f'cannot write {path}: {write_reason(e, path)}') from None
+    try:
+        h5.root._v_attrs.format = PACK_FORMAT
+        h5.root._v_attrs.version = PACK_VERSION
+        sync(h5)
+    except (OSError, tables.HDF5ExtError) as e:
+        with contextlib.suppress(OSError, tables.HDF5ExtError):
+            h5.close()
+        path.unlink(missing_ok=True)  # nothing in it: a rerun must not find it refused
+        raise InputError(f'cannot write {path}: {write_reason(e, path)}') from None
     return h5
+
+
+def never_started(path):
+    """An empty file, or an HDF5 file with no node and no attribute: what a pack that failed to
+    start leaves; nothing in it can be lost."""
+    if path.stat().st_size == 0:
+        return True
+    tables = import_tables(path)
+    try:
+        if not tables.is_hdf5_file(str(path)):
+            return False
+        with tables.open_file(str(path), 'r') as h5:
+            return not h5.root._v_children and not h5.root._v_attrs._v_attrnamesuser
+    except (OSError, tables.HDF5ExtError):
+        return False
 
 
 def pack_split(h5, split, folder, listing, args, pool):
@@ -153,6 +255,7 @@ def pack_split(h5, split, folder, listing, args, pool):
           + (f', continuing after {start}' if start else ''), file=sys.stderr, flush=True)
     progress = Progress(split, start, len(items))
     end = int(group.offsets[-1])  # bytes stored so far
+    crc = stored_crc(group, end)
     # An interruption (Ctrl-C, kill) anywhere below loses at most the records since the last
     # commit: the next run cuts them off (split_group) and reads those files again.
     paths = [path for _, _, path in items[start:]]
@@ -163,19 +266,20 @@ def pack_split(h5, split, folder, listing, args, pool):
             name, label, _ = items[k]
             if error is not None:
                 if not args.skip_bad:
-                    commit(group, k, skipped)
+                    commit(group, k, skipped, crc)
                     raise InputError(f'{error} (replace or remove the file and rerun, or rerun '
                                      f'with --skip-bad to leave it out)')
                 print(f'skipping: {error}', file=sys.stderr, flush=True)
                 skipped.append(f'{split}/{name}')
             else:
                 end = append(group, data, label, name, end)
+                crc = zlib.crc32(data, crc)
             if (k + 1 - start) % args.commit_every == 0:
-                commit(group, k + 1, skipped)
+                commit(group, k + 1, skipped, crc)
             progress.update(k + 1, end)
     finally:
         results.close()  # no more jobs for the pool
-    commit(group, len(items), skipped, complete=True)
+    commit(group, len(items), skipped, crc, complete=True)
     progress.update(len(items), end, force=True)
     return skipped
 
@@ -186,23 +290,15 @@ def split_group(h5, split, folder, classes, items):
     A crash can leave records appended after the last commit (`scanned`, `packed`); they are
     removed, so a record counts only once its commit is on disk.
     """
-    tables = import_tables(h5.filename)
+    if f'/{split}' in h5 and not is_whole_group(h5.get_node(f'/{split}')):
+        h5.remove_node(f'/{split}', recursive=True)  # cut short while being created: no commit
     if f'/{split}' not in h5:
-        group = h5.create_group('/', split)
-        n = len(items)
-        width = max(len(name.encode('utf-8')) for name, _, _ in items)
-        h5.create_earray(group, 'data', tables.UInt8Atom(), (0,), chunkshape=(1 << 18,))
-        h5.create_earray(group, 'offsets', tables.Int64Atom(), (0,), expectedrows=n + 1) \
-            .append(np.zeros(1, np.int64))
-        h5.create_earray(group, 'labels', tables.Int64Atom(), (0,), expectedrows=n)
-        h5.create_earray(group, 'names', tables.StringAtom(width), (0,), expectedrows=n)
-        h5.create_array(group, 'classes', np.array([c.encode('utf-8') for c in classes]))
-        group._v_attrs.source = str(folder.resolve())
-        group._v_attrs.scanned = group._v_attrs.packed = 0
-        group._v_attrs.skipped = '[]'
-        group._v_attrs.complete = False
-        h5.flush()
-        return group
+        try:
+            return create_split_group(h5, split, folder, classes, items)
+        except BaseException:
+            if f'/{split}' in h5:  # all or nothing: no half-built group for a rerun to trip on
+                h5.remove_node(f'/{split}', recursive=True)
+            raise
     group = h5.get_node(f'/{split}')
     attrs = group._v_attrs
     where = f'{h5.filename}:{split}'
@@ -235,6 +331,34 @@ def split_group(h5, split, folder, classes, items):
     return group
 
 
+SPLIT_ARRAYS = ('data', 'offsets', 'labels', 'names', 'classes')
+SPLIT_ATTRS = ('source', 'scanned', 'packed', 'skipped', 'complete')
+
+
+def is_whole_group(group):
+    return all(name in group for name in SPLIT_ARRAYS) and \
+        all(name in group._v_attrs._v_attrnames for name in SPLIT_ATTRS)
+
+
+def create_split_group(h5, split, folder, classes, items):
+    tables = import_tables(h5.filename)
+    group = h5.create_group('/', split)
+    n = len(items)
+    width = max(len(name.encode('utf-8')) for name, _, _ in items)
+    h5.create_earray(group, 'data', tables.UInt8Atom(), (0,), chunkshape=(1 << 18,))
+    h5.create_earray(group, 'offsets', tables.Int64Atom(), (0,), expectedrows=n + 1) \
+        .append(np.zeros(1, np.int64))
+    h5.create_earray(group, 'labels', tables.Int64Atom(), (0,), expectedrows=n)
+    h5.create_earray(group, 'names', tables.StringAtom(width), (0,), expectedrows=n)
+    h5.create_array(group, 'classes', np.array([c.encode('utf-8') for c in classes]))
+    group._v_attrs.source = str(folder.resolve())
+    group._v_attrs.scanned = group._v_attrs.packed = 0
+    group._v_attrs.skipped = '[]'
+    group._v_attrs.complete = False
+    sync(h5)
+    return group
+
+
 def append(group, data, label, name, end):
     """Append one image whose bytes start at `end`; returns the new end."""
     group.data.append(np.frombuffer(data, np.uint8))
@@ -244,8 +368,15 @@ def append(group, data, label, name, end):
     return end + len(data)
 
 
-def commit(group, scanned, skipped, complete=False):
-    """Make the records appended so far durable, then record how many there are."""
+def stored_crc(group, end):
+    """CRC-32 of the data committed so far (recorded by commit; computed for older files)."""
+    recorded = getattr(group._v_attrs, 'crc32', None)
+    return int(recorded) if recorded is not None else data_crc(group.data, end)
+
+
+def commit(group, scanned, skipped, crc, complete=False):
+    """Make the records appended so far durable, then record how many there are (and the
+    CRC-32 of their bytes, which the final verification and --check compare)."""
     h5 = group._v_file
     with deferred_sigint():  # Ctrl-C must not leave `packed` updated and `scanned` not
         sync(h5)  # the records first: a commit on disk never counts records that are not
@@ -253,8 +384,14 @@ def commit(group, scanned, skipped, complete=False):
         attrs.packed = group.labels.nrows
         attrs.scanned = scanned
         attrs.skipped = json.dumps(skipped)
+        attrs.crc32 = crc
         attrs.complete = complete
         sync(h5)
+    if write_reason(InputError(''), Path(h5.filename)) == 'No space left on device':
+        # HDF5 can drop writes on a full disk without an error: stop before it drops more
+        raise InputError(f'cannot write {h5.filename}: No space left on device; free space and '
+                         f'rerun the command (if the rerun finds the file damaged, write to a '
+                         f'new file)')
 
 
 def sync(h5):
@@ -357,7 +494,7 @@ def check(path, workers):
     bad = []
     with worker_pool(workers) as pool:
         with open_pack(path) as h5:
-            splits = sorted(g._v_name for g in h5.iter_nodes('/', 'Group'))
+            splits = claimed_splits(h5)
             if not splits:
                 raise InputError(f'{path} holds no split')
             sizes = {split: check_split_arrays(h5, path, split) for split in splits}
@@ -372,11 +509,26 @@ def check(path, workers):
                   flush=True)
     if bad:
         raise InputError(f'{len(bad)} stored image(s) do not decode; first: {bad[0]}')
+    with open_pack(path) as h5:  # every image decodes: are they the bytes that were packed?
+        for split in splits:
+            check_data_crc(h5, path, split)
     print(f'{path}: OK', file=sys.stderr)
+
+
+def claimed_splits(h5):
+    """The splits the file says it holds (the root's `splits`, which every pack records before
+    writing), and any other group in it."""
+    listed = json.loads(getattr(h5.root._v_attrs, 'splits', '[]'))
+    present = sorted(g._v_name for g in h5.iter_nodes('/', 'Group'))
+    return listed + [s for s in present if s not in listed]
 
 
 def check_split_arrays(h5, path, split):
     group = pack_split_group(h5, path, split)
+    try:
+        read_strings(group.names), read_strings(group.classes)
+    except UnicodeDecodeError:
+        raise InputError(f'{path}:{split} is inconsistent: names that are not UTF-8') from None
     offsets, labels = group.offsets.read(), group.labels.read()
     n = len(labels)
     problems = []

@@ -1,11 +1,13 @@
 """Surviving interruptions: stop signals, one run per checkpoint directory, checkpoint cadence.
 
 SLURM sends SIGUSR1 shortly before a preemption or the time limit (sbatch --signal USR1@120) and
-SIGTERM on `scancel`; torchrun sends SIGTERM to its workers before an elastic restart. Either one
-only sets a flag here. The training loops of main.py and evaluate.py poll it between steps; the
-ranks agree on it through the run's process group (see StopRequests), rank 0 writes a mid-epoch
-checkpoint, and then SIGUSR1 under SLURM requeues the job (as the reference does) while anything
-else exits cleanly.
+SIGTERM on `scancel`; torchrun sends SIGTERM to its workers before an elastic restart; Ctrl-C
+sends SIGINT. scancel and Ctrl-C signal the whole process group: DataLoader workers ignore all
+three (data.ignore_stop_signals), so only the main process acts. Each one only sets a flag here.
+The training loops of main.py and evaluate.py poll it between steps; the ranks agree on it
+through the run's process group (see StopRequests), rank 0 writes a mid-epoch checkpoint, and
+then SIGUSR1 under SLURM requeues the job (as the reference does) while anything else exits
+cleanly.
 """
 import contextlib
 import fcntl
@@ -21,7 +23,8 @@ import torch.distributed as dist
 
 from cli import InputError
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT (Ctrl-C) too, so that it ends like a SIGTERM: checkpoint written, one line, exit 0.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Stopped(Exception):
@@ -29,7 +32,8 @@ class Stopped(Exception):
 
 
 class StopRequests:
-    """SIGTERM/SIGUSR1 -> a flag that every rank sees at the same step.
+    """SIGTERM/SIGUSR1/SIGINT -> a flag that every rank sees at the same step. (A signal may
+    arrive twice, from the process group and forwarded by the launcher: it only sets the flag.)
 
     The ranks agree through the run's own process group (NCCL on GPUs, gloo on the CPU), so a
     multi-node run needs no network setting beyond what that backend needs. (A second gloo group
@@ -145,6 +149,7 @@ class RunLock:
     def acquire(self):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise InputError(f'cannot write to {self.path.parent}: {e.strerror or e}') from None
@@ -155,9 +160,15 @@ class RunLock:
             os.close(fd)
             raise InputError(f'{self.path.parent} is in use by another run ({holder}); wait for '
                              f'it to finish or use another --checkpoint-dir') from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f'pid {os.getpid()} on {socket.gethostname()} since '
-                     f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f'pid {os.getpid()} on {socket.gethostname()} since '
+                         f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode())
+        except OSError as e:  # a full disk: the directory could not take a checkpoint either
+            if created:
+                self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise InputError(f'cannot write to {self.path.parent}: {e.strerror or e}') from None
         self.fd = fd
         return self
 

@@ -130,6 +130,14 @@ def copy_run(t):
     put(t.ck / 'stats.txt', t.pre.stats)
 
 
+def mid_epoch_run(t):
+    """The shared run's checkpoint as if it had stopped after step 1 of epoch 0."""
+    copy_run(t)
+    ckpt = load(t.ck / 'checkpoint.pth')
+    ckpt.update(epoch=0, step_in_epoch=1)
+    save(t.ck / 'checkpoint.pth', ckpt)
+
+
 # Legitimate images ImageNet also holds: greyscale and CMYK JPEGs, PNGs (RGBA, palette), plus a
 # greyscale-with-alpha PNG and a .jpg in lower case.
 LEGIT_MODES = (('L', 'JPEG'), ('CMYK', 'JPEG'), ('RGBA', 'png'), ('P', 'png'), ('LA', 'png'),
@@ -152,6 +160,12 @@ def add_legit_images(t, splits=('train', 'val')):
                 img.save(t.data / split / cls / f'{cls}_{500 + 10 * m + c}.{ext}')
                 count += 1
     return count
+
+
+def truncated_pack(t, path):
+    pytest.importorskip('tables')
+    pack.main(pack_args(t, out=path))
+    truncate(path, keep=path.stat().st_size // 2)
 
 
 def foreign_hdf5(path):
@@ -263,11 +277,24 @@ CASES = [
          setup=lambda t: put(image(t, 'n01440764_3.JPEG'), 'plain text, not a JPEG')).param(),
     Case('empty-jpeg', 'main', main_args, 1, ['cannot read image', 'n01443537_2.JPEG'],
          setup=lambda t: put(image(t, 'n01443537_2.JPEG'), b'')).param(),
+    Case('symlink-loop-in-class-folder', 'main', main_args, 1, ['n01440764/again', 'loop'],
+         setup=lambda t: os.symlink('..', t.data / 'train' / 'n01440764' / 'again')).param(),
+    Case('symlink-to-own-class-folder', 'main', main_args, 1, ['n01440764/self', 'loop'],
+         setup=lambda t: os.symlink('.', t.data / 'train' / 'n01440764' / 'self')).param(),
+    Case('two-class-folders-one-target', 'main', main_args, 1, ['same folder', 'count twice'],
+         setup=lambda t: os.symlink('n01440764', t.data / 'train' / 'n01440765')).param(),
+    Case('float-tiff', 'main', main_args, 1, ['cannot read image', 'n01440764_7.tif',
+                                              'floating-point'],
+         setup=lambda t: (image(t).unlink(), Image.fromarray(np.ones((20, 20), np.float32))
+                          .save(image(t, 'n01440764_7.tif')))).param(),
     Case('missing-packed-file', 'main', lambda t: main_args(t, data=t.tmp / 'data.h5'), 1,
          ['data.h5', 'does not exist']).param(),
     Case('packed-file-not-hdf5', 'main', lambda t: main_args(t, data=t.tmp / 'data.h5'), 1,
          ['data.h5'], setup=lambda t: put(t.tmp / 'data.h5', 'not an HDF5 file'))
     .param(),
+    Case('truncated-pack', 'main', lambda t: main_args(t, data=t.tmp / 'cut.h5'), 1,
+         ['cut.h5', 'truncated', 'of its'],
+         setup=lambda t: truncated_pack(t, t.tmp / 'cut.h5')).param(),
     Case('legit-grey-cmyk-png', 'main', main_args, None, check=check_main_legit,
          setup=lambda t: setattr(t, 'added', add_legit_images(t, ['train']))).param(),
     Case('legit-grey-cmyk-png-fast-augment', 'main', lambda t: main_args(t, '--fast-augment'),
@@ -290,6 +317,18 @@ CASES = [
     Case('unknown-flag', 'main', lambda t: main_args(t, '--learning_rate', '0.2'), 2,
          ['unrecognized arguments', '--learning_rate']).param(),
     Case('no-dir-no-demo', 'main', lambda t: main_args(t)[1:], 2, ['DIR']).param(),
+    # every float flag refuses what float() accepts but no run can use: nan, inf, out of range
+    *[Case(f'{flag[2:]}-{value}', 'main', lambda t, f=flag, v=value: main_args(t, f, v), 2,
+           [flag, value]).param()
+      for flag in ('--learning-rate-weights', '--learning-rate-biases', '--learning-rate',
+                   '--scale-loss', '--weight-decay', '--lambd')
+      for value in ('nan', 'inf', '-1')],
+    Case('scale-loss-0', 'main', lambda t: main_args(t, '--scale-loss', '0'), 2,
+         ['--scale-loss', '0']).param(),
+    Case('rollback-lr-factor-nan', 'main', lambda t: main_args(t, '--rollback-lr-factor', 'nan'),
+         2, ['--rollback-lr-factor', 'nan']).param(),
+    Case('checkpoint-every-inf', 'main', lambda t: main_args(t, '--checkpoint-every', 'inf'), 2,
+         ['--checkpoint-every', 'inf']).param(),
     # ---- main.py: the checkpoint directory ----
     Case('checkpoint-of-other-projector', 'main', lambda t: main_args(t, '--projector', '64-64'),
          1, ['checkpoint.pth', '--projector', '32-32', '64-64'], setup=copy_run,
@@ -298,6 +337,27 @@ CASES = [
          ['checkpoint.pth', '--arch', 'resnet18', 'resnet34'], setup=copy_run).param(),
     Case('checkpoint-of-other-lr-flags', 'main', lambda t: main_args(t, '--learning-rate', '0.2'),
          1, ['checkpoint.pth', 'parameter group', '--learning-rate'], setup=copy_run).param(),
+    # an epoch that cannot train
+    Case('drop-last-batch-larger-than-dataset', 'main',
+         lambda t: main_args(t, '--drop-last', '--batch-size', '16'), 1,
+         ['--batch-size 16', '--drop-last', 'no step']).param(),
+    Case('batch-size-1', 'main', lambda t: main_args(t, '--batch-size', '1'), 1,
+         ['--batch-size 1', 'BatchNorm']).param(),
+    # a checkpoint whose data order or classes this run does not have
+    Case('checkpoint-with-other-class-count', 'main', lambda t: main_args(t, '--epochs', '2'), 1,
+         ['checkpoint.pth', 'online probe', '2 classes', 'now has 3'],
+         setup=lambda t: (copy_run(t), [put(image(t, f'n09999999_{i}.JPEG'), image(t))
+                                        for i in range(2)])).param(),
+    *[Case(f'mid-epoch-checkpoint-{name}', 'main', lambda t, x=extra: main_args(t, *x), 1,
+           ['checkpoint.pth', 'step 1 of epoch 0', *words], setup=lambda t, c=change: (
+               mid_epoch_run(t), c(t))).param()
+      for name, extra, change, words in (
+          ('other-batch-size', ['--batch-size', '8'], lambda t: None, ['--batch-size 4 then, 8']),
+          ('more-images', [], lambda t: [put(image(t, f'n01440764_9{i}.JPEG'), image(t))
+                                         for i in range(2)], ['training images 12 then, 14']),
+          ('drop-last', ['--drop-last'], lambda t: None, ['--drop-last False then, True']),
+          ('other-epochs', ['--epochs', '3'], lambda t: None, ['--epochs 1 then, 3']),
+          ('other-seed', ['--seed', '1'], lambda t: None, ['--seed 0 then, 1']))],
     Case('garbage-checkpoint', 'main', main_args, 1, ['cannot read checkpoint', 'checkpoint.pth'],
          setup=lambda t: put(t.ck / 'checkpoint.pth', b'\x00\x01 garbage, not a checkpoint'))
     .param(),
@@ -349,11 +409,19 @@ CASES = [
     Case('train-files-nonexistent', 'evaluate',
          lambda t: eval_args(t, '--train-percent', '1', '--train-files', str(t.tmp / 'no.txt')), 1,
          ['--train-files', 'no.txt', 'does not exist']).param(),
+    *[Case(f'{flag[2:]}-{value}', 'evaluate', lambda t, f=flag, v=value: eval_args(t, f'{f}={v}'), 2,
+           [flag, value]).param()
+      for flag in ('--lr-backbone', '--lr-classifier', '--weight-decay', '--knn-temperature')
+      for value in ('nan', '-inf', '-0.5')],
+    Case('knn-temperature-0', 'evaluate', lambda t: eval_args(t, '--knn', '--knn-temperature', '0'),
+         2, ['--knn-temperature', '0']).param(),
     Case('train-percent-5', 'evaluate', lambda t: eval_args(t, '--train-percent', '5'), 2,
          ['--train-percent', '5']).param(),
     Case('garbage-checkpoint', 'evaluate', eval_args, 1,
          ['cannot read checkpoint', 'checkpoint.pth'],
          setup=lambda t: put(t.ck / 'checkpoint.pth', b'PK\x03\x04 garbage')).param(),
+    Case('loss-becomes-nan', 'evaluate', lambda t: eval_args(t, '--lr-classifier', '1e30'), 1,
+         ['non-finite', 'epoch 0', 'unchanged']).param(),
     Case('main-checkpoint-in-checkpoint-dir', 'evaluate', eval_args, 1,
          ['checkpoint.pth', 'not an evaluate.py checkpoint'], setup=copy_run).param(),
     Case('legit-knn-on-full-checkpoint-grey-cmyk-png', 'evaluate',
@@ -397,6 +465,13 @@ CASES = [
     Case('text-file-named-jpeg', 'pack', pack_args, 1,
          ['cannot read image', 'n01440764_1.JPEG', '--skip-bad'], progress=PACK_PROGRESS,
          setup=lambda t: put(image(t, 'n01440764_1.JPEG', 'val'), 'not an image')).param(),
+    Case('symlink-loop-in-class-folder', 'pack', pack_args, 1, ['n01443537/up', 'loop'],
+         setup=lambda t: os.symlink('../..', t.data / 'val' / 'n01443537' / 'up')).param(),
+    Case('file-name-not-utf8', 'pack', pack_args, 1, ['n01440764_', 'not valid UTF-8'],
+         setup=lambda t: put(t.data / 'train' / 'n01440764' / os.fsdecode(b'n01440764_\xff.JPEG'),
+                             image(t))).param(),
+    Case('check-truncated-pack', 'pack', lambda t: ['--check', str(t.tmp / 'cut.h5')], 1,
+         ['cut.h5', 'truncated'], setup=lambda t: truncated_pack(t, t.tmp / 'cut.h5')).param(),
     Case('output-in-missing-directory', 'pack', lambda t: pack_args(t, out=t.tmp / 'no' / 'o.h5'),
          1, ['o.h5', 'does not exist']).param(),
     Case('output-is-a-directory', 'pack', lambda t: pack_args(t, out=t.tmp / 'o.h5'), 1,
@@ -410,6 +485,8 @@ CASES = [
          ['none.h5', 'does not exist']).param(),
     Case('negative-workers', 'pack', lambda t: pack_args(t, '--workers', '-1'), 2,
          ['--workers']).param(),
+    Case('commit-every-0', 'pack', lambda t: pack_args(t, '--commit-every', '0'), 2,
+         ['--commit-every', '0']).param(),
     Case('no-output-file', 'pack', lambda t: [str(t.data)], 2,
          ['output FILE']).param(),
     Case('legit-grey-cmyk-png', 'pack', pack_args, None, check=check_pack_legit,
