@@ -10,8 +10,8 @@
         --wrap 'srun python evaluate.py /path/to/imagenet /path/to/resnet50.pth'      # SLURM
     python evaluate.py /path/to/imagenet checkpoint/checkpoint.pth --knn
         # weighted kNN (k=20, 200) on frozen features: a monitor that takes minutes
-    python evaluate.py demo_data checkpoint/demo/resnet18.pth --arch resnet18 --cifar-stem \\
-        --crop-size 32 --device cpu                                                  # the demo
+    python evaluate.py demo_data checkpoint/demo/resnet18.pth --knn   # the demo's weights
+        # --arch, --cifar-stem and --crop-size come from what main.py recorded (checkpoint.pth)
 
 The pretrained FILE may be a backbone state dict (<arch>.pth from main.py, the released
 resnet50.pth, a torchvision-style dict whose fc.* keys are ignored) or a full checkpoint.pth from
@@ -47,8 +47,7 @@ SUBSET_URL = ('https://raw.githubusercontent.com/google-research/simclr/master/i
               '{percent}percent.txt')
 SETTING_DEFAULTS = dict(arch='resnet50', cifar_stem=False, crop_size=224)
 SUBSET_LINE = re.compile(r'[^\s/_]+_[^\s/]+')  # n01440764_10026.JPEG: <class>_<rest>
-CLASS_FILE_LINE = re.compile(r'[^/]+/[^/]+')  # warm_disc/warm_disc_0001.JPEG: any class name
-SUBSET_FORMATS = {'SimCLR': SUBSET_LINE, 'class/file': CLASS_FILE_LINE}
+CLASS_FILE_LINE = re.compile(r'[^/]+/[^/]+\.\w+')  # warm_disc/warm_disc_0001.JPEG: any class
 
 
 def default_checkpoint_dir(weights, train_percent, knn=False):
@@ -457,7 +456,8 @@ def subset_list_file(percent, train_files=None, cache_dir=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as response:
             tmp.write_bytes(response.read())
-        read_subset_list(tmp)  # a proxy's error page must not be cached as the list
+        if subset_list_format(read_subset_list(tmp)) != 'SimCLR':
+            raise ValueError('not in the SimCLR format')  # a proxy's error page, say
         os.replace(tmp, path)
     except (OSError, ValueError, InputError) as e:
         reason = getattr(e, 'reason', None) or e
