@@ -208,8 +208,13 @@ def lr_panel(ax, runs):
     ax.grid(alpha=0.3)
     if lines:
         ax.legend(lines, [line.get_label() for line in lines], fontsize='small')
-    if not any(line.axes is right for line in lines):
+    on_right = [y for line in lines if line.axes is right for y in line.get_ydata()]
+    if not on_right:
         right.set_yticks([])
+        right.set_ylabel('')
+    elif min(on_right) >= 0:
+        # Same schedule, other scale: at full height the dashed curve would hide the solid one.
+        right.set_ylim(0, 2 * max(on_right))
 
 
 def knn_panel(ax, runs):
