@@ -114,9 +114,11 @@ def check_backbone_state(state, saved, path, arch, cifar_stem, keywords=False):
     wanted = dict(arch=arch, cifar_stem=cifar_stem)
     recorded = {k: saved[k] for k in ('arch', 'cifar_stem') if k in saved}
     if any(wanted[k] != (bool(v) if k == 'cifar_stem' else v) for k, v in recorded.items()):
-        same = 'pass the same keyword arguments' if keywords else 'pass the same flags'
+        same, this = ('pass the same keyword arguments', 'this call has') if keywords else \
+            ('pass the same flags', 'this run has')
         raise InputError(f'{path} was pretrained with '
-                         f'{describe_settings(dict(wanted, **saved), keywords)}; {same}')
+                         f'{describe_settings(dict(wanted, **saved), keywords)}, {this} '
+                         f'{describe_settings(wanted, keywords)}; {same}')
     net, _ = build_backbone(arch, cifar_stem)
     what = f'{path} (for {describe_settings(wanted, keywords)})'
     return match_state_dict(state, net, what)

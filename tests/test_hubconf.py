@@ -134,8 +134,9 @@ def test_wrong_files_raise_naming_keys(pre, tmp_path, no_network):
         with pytest.raises(InputError, match="pretrained with arch='resnet18', cifar_stem=True, "
                                              "not as a ResNet-50: load it with the 'backbone'"):
             hub_load('resnet50', weights=str(weights))
-    with pytest.raises(InputError, match="pretrained with arch='resnet18', cifar_stem=True; pass "
-                                         "the same keyword arguments"):
+    with pytest.raises(InputError, match="pretrained with arch='resnet18', cifar_stem=True, this "
+                                         "call has arch='resnet50', cifar_stem=True; pass the "
+                                         "same keyword arguments"):
         hub_load('backbone', weights=str(pre.backbone), arch='resnet50')
     with pytest.raises(InputError, match=r"^arch='resnet5': expected one of resnet18, "):
         hub_load('backbone', weights=str(pre.backbone), arch='resnet5')
