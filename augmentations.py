@@ -130,9 +130,9 @@ def resized_crop(pixels, view, crop_size):
 class CropTransform:
     """Worker half of the fast path: PIL image -> (view1, view2), uint8 (3, crop, crop) each.
 
-    Each view gets its own RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, torchvision's
-    sampling and centre-crop fallback) and its own flip (p=0.5), from the global torch RNG, so
-    `data.SeededSamples` makes every sample reproducible. Give it lazily opened images
+    Each view gets its own RandomResizedCrop (scale 0.08-1 unless given, ratio 3/4-4/3,
+    torchvision's sampling and centre-crop fallback) and its own flip (p=0.5), from the global
+    torch RNG, so `data.SeededSamples` makes every sample reproducible. Give it lazily opened images
     (`ImageFolder(..., loader=open_for_crop)`) so JPEGs can be decoded at reduced size; an
     already decoded image works too, at full-size decoding cost.
     """
@@ -391,13 +391,15 @@ class BatchAugment(nn.Module):
 class FastTwoViews(nn.Module):
     """The reference's two asymmetric views on the device: (y1, y2) uint8 -> normalised float.
 
-    View 1: blur p=1.0, solarize p=0.0. View 2: blur p=0.1, solarize p=0.2.
+    By default view 1: blur p=1.0, solarize p=0.0; view 2: blur p=0.1, solarize p=0.2 (`blur`
+    and `solarize` hold the two views' probabilities, as main.py's --blur-prob/--solarize-prob).
     """
 
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, blur=(1.0, 0.1), solarize=(0.0, 0.2), mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
         super().__init__()
-        self.view1 = BatchAugment(blur_prob=1.0, solarize_prob=0.0, mean=mean, std=std)
-        self.view2 = BatchAugment(blur_prob=0.1, solarize_prob=0.2, mean=mean, std=std)
+        self.view1 = BatchAugment(blur[0], solarize[0], mean=mean, std=std)
+        self.view2 = BatchAugment(blur[1], solarize[1], mean=mean, std=std)
 
     def forward(self, y1, y2, generator=None):
         return self.view1(y1, generator), self.view2(y2, generator)

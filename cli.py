@@ -106,6 +106,18 @@ def unit_fraction(text):
     return value
 
 
+def probability_pair(text):
+    """'P1,P2': one probability per view, each in [0, 1] (e.g. --blur-prob 1.0,0.1)."""
+    try:
+        values = tuple(float(v) for v in text.split(','))
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not all(0 <= v <= 1 for v in values):  # NaN fails the comparison
+        raise argparse.ArgumentTypeError(f'expected two probabilities in [0, 1] joined by a '
+                                         f'comma, one per view, e.g. 1.0,0.1; got {text!r}')
+    return values
+
+
 def parse_duration(text):
     """'30m', '2h', '45s', '1.5h' or plain seconds -> seconds (for --checkpoint-every)."""
     match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*', str(text))

@@ -34,7 +34,7 @@ from backbones import ARCHS, build_backbone
 from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint_file,
                          match_state_dict, remove_temporaries, save_atomic)
 from cli import (ArgumentParser, InputError, default_workers, duration, non_negative_int,
-                 positive_int, unit_fraction)
+                 positive_int, probability_pair, unit_fraction)
 from data import EpochSampler, SeededSamples, image_folder, make_demo_dataset, seed_everything
 from monitor import OnlineProbe, Progress, StatsLog
 from preemption import RunLock, StopRequests
@@ -89,6 +89,15 @@ def get_arguments():
                         help='3x3 stride-1 first convolution and no max-pool, for small images')
     parser.add_argument('--crop-size', default=224, type=positive_int, metavar='PX',
                         help='side of the random resized crops')
+    parser.add_argument('--min-scale', default=0.08, type=unit_fraction, metavar='S',
+                        help='smallest area fraction of a random resized crop (default 0.08, '
+                             'as the reference; crops cover S to 1 of the image)')
+    parser.add_argument('--blur-prob', default=(1.0, 0.1), type=probability_pair,
+                        metavar='P1,P2', help='Gaussian blur probability of view 1 and view 2 '
+                                              '(default 1.0,0.1, as the reference)')
+    parser.add_argument('--solarize-prob', default=(0.0, 0.2), type=probability_pair,
+                        metavar='P1,P2', help='solarization probability of view 1 and view 2 '
+                                              '(default 0.0,0.2, as the reference)')
     parser.add_argument('--warmup-epochs', default=10, type=non_negative_int, metavar='N',
                         help='linear learning-rate warmup length')
     parser.add_argument('--precision', default=None, choices=('fp16', 'bf16', 'fp32'),
@@ -368,7 +377,8 @@ def build_run(info, args):
     progress = Progress(len(loader), args.epochs, args.batch_size, info.is_main)
     run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress,
               StopRequests(info.world_size), probe, knn.build_monitor_loaders(args, info),
-              FastTwoViews().to(info.device) if args.fast_augment else None)
+              FastTwoViews(args.blur_prob, args.solarize_prob).to(info.device)
+              if args.fast_augment else None)
     if info.is_main:
         print_provenance(run)
     return run, start_epoch, start_step
@@ -592,9 +602,11 @@ def build_model_and_optimizer(args, info):
 
 def build_loader(args, info):
     if args.fast_augment:
-        folder = image_folder(args.data, CropTransform(args.crop_size), loader=open_for_crop)
+        folder = image_folder(args.data, CropTransform(args.crop_size, (args.min_scale, 1.0)),
+                              loader=open_for_crop)
     else:
-        folder = image_folder(args.data, Transform(args.crop_size))
+        folder = image_folder(args.data, Transform(args.crop_size, args.blur_prob,
+                                                   args.solarize_prob, args.min_scale))
     dataset = SeededSamples(folder, args.seed, skip_bad=args.bad_images == 'skip')
     sampler = EpochSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                            seed=args.seed)
@@ -908,16 +920,21 @@ class Solarization(object):
 
 
 class Transform:
-    """The two asymmetric views: view 1 always blurred, view 2 rarely blurred, sometimes solarised."""
+    """The two asymmetric views: view 1 always blurred, view 2 rarely blurred, sometimes solarised.
 
-    def __init__(self, crop_size=224):
-        self.transform = self._view(crop_size, blur=1.0, solarize=0.0)
-        self.transform_prime = self._view(crop_size, blur=0.1, solarize=0.2)
+    `blur` and `solarize` hold each view's probability and `min_scale` the smallest crop area
+    fraction; the defaults are the reference's (--blur-prob, --solarize-prob, --min-scale).
+    """
+
+    def __init__(self, crop_size=224, blur=(1.0, 0.1), solarize=(0.0, 0.2), min_scale=0.08):
+        self.transform = self._view(crop_size, blur[0], solarize[0], min_scale)
+        self.transform_prime = self._view(crop_size, blur[1], solarize[1], min_scale)
 
     @staticmethod
-    def _view(crop_size, blur, solarize):
+    def _view(crop_size, blur, solarize, min_scale):
         return transforms.Compose([
-            transforms.RandomResizedCrop(crop_size, interpolation=Image.BICUBIC),
+            transforms.RandomResizedCrop(crop_size, scale=(min_scale, 1.0),
+                                         interpolation=Image.BICUBIC),
             transforms.RandomHorizontalFlip(p=0.5),
             transforms.RandomApply(
                 [transforms.ColorJitter(brightness=0.4, contrast=0.4,

@@ -5,6 +5,7 @@ are compared with the reference's probabilities and ranges over many samples (4 
 """
 import io
 import math
+import random
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 import augmentations as A
+import main
 from cli import InputError
 from data import SeededSamples
 
@@ -361,3 +363,81 @@ def test_same_seed_same_views():
     a = A.BatchAugment(0.1, 0.2)(images)
     torch.manual_seed(1)
     assert torch.equal(a, A.BatchAugment(0.1, 0.2)(images))
+
+
+# ---- the recipe knobs (--blur-prob, --solarize-prob, --min-scale) on both pipelines ----
+
+def applied_fraction(op, n=20000, seed=0):
+    """How often a GaussianBlur/Solarization of main.Transform changes its input."""
+    random.seed(seed)
+    img = Image.new('RGB', (4, 4), (200, 40, 90))
+    return sum(op(img) is not img for _ in range(n)) / n
+
+
+def reference_ops(transform):
+    """{kind: [(view 1's), (view 2's)]} of the reference pipeline's random ops."""
+    ops = {'blur': [], 'solarize': [], 'crop': []}
+    for view in (transform.transform, transform.transform_prime):
+        for t in view.transforms:
+            if isinstance(t, main.GaussianBlur):
+                ops['blur'].append(t)
+            elif isinstance(t, main.Solarization):
+                ops['solarize'].append(t)
+            elif isinstance(t, T.RandomResizedCrop):
+                ops['crop'].append(t)
+    return ops
+
+
+@pytest.mark.parametrize('blur, solarize', [((1.0, 0.1), (0.0, 0.2)),  # the reference
+                                            ((0.0, 0.0), (0.0, 0.2)),  # solo-learn's CIFAR
+                                            ((0.5, 0.25), (0.3, 1.0))])
+def test_reference_pipeline_applies_each_views_probabilities(blur, solarize):
+    ops = reference_ops(main.Transform(32, blur, solarize))
+    for kind, probabilities in (('blur', blur), ('solarize', solarize)):
+        for view, p in enumerate(probabilities):
+            fraction = applied_fraction(ops[kind][view], seed=view)
+            # 4 standard errors of a binomial proportion; exact at 0 and 1
+            assert abs(fraction - p) <= 4 * math.sqrt(p * (1 - p) / 20000), (kind, view)
+
+
+def test_reference_pipeline_defaults_are_the_reference():
+    ops = reference_ops(main.Transform(224))
+    assert [op.p for op in ops['blur']] == [1.0, 0.1]
+    assert [op.p for op in ops['solarize']] == [0.0, 0.2]
+    assert [op.scale for op in ops['crop']] == [(0.08, 1.0)] * 2
+    assert [op.interpolation for op in ops['crop']] == [T.InterpolationMode.BICUBIC] * 2
+    args = main.parse_arguments(['data'])
+    assert (args.blur_prob, args.solarize_prob, args.min_scale) == ((1.0, 0.1), (0.0, 0.2), 0.08)
+
+
+def test_min_scale_bounds_the_crop_area_on_both_pipelines():
+    img = Image.new('RGB', (500, 375))
+    torch.manual_seed(0)
+    crop = reference_ops(main.Transform(224, min_scale=0.5))['crop'][0]
+    areas = [h * w / (500 * 375) for _, _, h, w in
+             (T.RandomResizedCrop.get_params(img, crop.scale, crop.ratio) for _ in range(2000))]
+    fast = A.CropTransform(224, scale=(0.5, 1.0))
+    fast_areas = [h * w / (500 * 375) for p in (fast.sample_params(img) for _ in range(2000))
+                  for _, _, h, w, _ in p]
+    for sampled in (areas, fast_areas):
+        assert min(sampled) >= 0.5 * 0.99 and max(sampled) <= 1.0
+    # the same area distribution on both pipelines (crops that do not fit are redrawn, so
+    # the mean is below the 0.75 of U(0.5, 1))
+    a, b = torch.tensor(areas), torch.tensor(fast_areas)
+    assert abs(a.mean() - b.mean()) <= 4 * math.sqrt(a.var() / len(a) + b.var() / len(b))
+
+
+def test_recipe_flags_reach_both_pipelines():
+    args = main.parse_arguments(['data', '--blur-prob', '0,0', '--solarize-prob', '0,0.2',
+                                 '--min-scale', '0.2'])
+    views = A.FastTwoViews(args.blur_prob, args.solarize_prob)
+    assert (views.view1.blur_prob, views.view2.blur_prob) == (0.0, 0.0)
+    assert (views.view1.solarize_prob, views.view2.solarize_prob) == (0.0, 0.2)
+    ops = reference_ops(main.Transform(32, args.blur_prob, args.solarize_prob, args.min_scale))
+    assert [op.p for op in ops['blur']] == [0.0, 0.0]
+    assert [op.scale for op in ops['crop']] == [(0.2, 1.0)] * 2
+    for bad in (['--blur-prob', '1.5,0'], ['--solarize-prob', 'nan,0'], ['--blur-prob', '0.5'],
+                ['--min-scale', '0'], ['--min-scale', '1']):
+        with pytest.raises(SystemExit) as exit_info:
+            main.parse_arguments(['data'] + bad)
+        assert exit_info.value.code == 2
