@@ -54,26 +54,39 @@ SETTINGS = {
 
 def get_arguments():
     parser = ArgumentParser(description=__doc__.split('\n')[0], prog='bench.py')
-    parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
-    parser.add_argument('--arch', default='resnet50', choices=ARCHS)
-    parser.add_argument('--projector', default='8192-8192-8192')
-    parser.add_argument('--batch-size', type=positive_int, default=None,
-                        help='per device (default 256 on GPU, 16 on CPU)')
-    parser.add_argument('--crop-size', type=positive_int, default=224)
-    parser.add_argument('--steps', type=positive_int, default=None,
-                        help='timed steps per setting (default 20 on GPU, 3 on CPU)')
-    parser.add_argument('--warmup', type=non_negative_int, default=None,
-                        help='untimed steps first (default 10 on GPU, 1 on CPU; compiling '
-                             'happens there)')
+    parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
+                        help='where the training step runs: auto is the first GPU, else the CPU')
+    parser.add_argument('--arch', default='resnet50', choices=ARCHS,
+                        help='backbone of the timed model, as main.py --arch')
+    parser.add_argument('--projector', default='8192-8192-8192', metavar='MLP',
+                        help='projector of the timed model, as main.py --projector')
+    parser.add_argument('--batch-size', type=positive_int, default=None, metavar='N',
+                        help='images per step on the one device (default: 256 on a GPU, 16 on '
+                             'a CPU)')
+    parser.add_argument('--crop-size', type=positive_int, default=224, metavar='PX',
+                        help='side of the synthetic views, as main.py --crop-size')
+    parser.add_argument('--steps', type=positive_int, default=None, metavar='N',
+                        help='timed steps per setting (default: 20 on a GPU, 3 on a CPU)')
+    parser.add_argument('--warmup', type=non_negative_int, default=None, metavar='N',
+                        help='untimed steps before them, where torch.compile compiles '
+                             '(default: 10 on a GPU, 1 on a CPU)')
     parser.add_argument('--settings', nargs='+', default=['reference', 'fast'],
-                        choices=sorted(SETTINGS))
+                        choices=sorted(SETTINGS), metavar='SETTING',
+                        help='training-step settings to compare, the first being the base of '
+                             'the ratios: reference (the original\'s), fast (--fast), '
+                             'fast-nocompile (--fast without --compile), fast-noaugment (--fast '
+                             'from float views, without the augmentation\'s device half)')
     parser.add_argument('--data', action='store_true',
-                        help='also measure the input pipeline (see bench_data)')
+                        help='also measure the input pipeline: images per CPU-second of one '
+                             'worker process, reference PIL pipeline against the fast path\'s '
+                             'worker half, from JPEG files and from a pack.py file')
     parser.add_argument('--knn-memory', action='store_true',
                         help='only print the kNN evaluation\'s peak memory per rank for an '
-                             'ImageNet-sized bank (see knn_memory_table)')
-    parser.add_argument('--images', default=None,
-                        help='an ImageFolder DIR for --data (default: 200 generated 500x375 JPEGs)')
+                             'ImageNet-sized bank on 8 ranks, before and after sharding the bank '
+                             '(arithmetic from the code\'s shapes; runs nothing)')
+    parser.add_argument('--images', default=None, metavar='DIR',
+                        help='an ImageFolder DIR for --data (default: 200 generated 500x375 '
+                             'JPEGs)')
     return parser
 
 
@@ -142,13 +155,36 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def rounded(value, digits=3):
+    """`value` as printed, to `digits` significant digits in plain notation (1340, 13.4,
+    0.0134). Ratios are computed from these printed values, so a table is consistent with
+    itself whatever the rates."""
+    if value <= 0 or not math.isfinite(value):
+        return f'{value:.1f}'
+    decimals = max(0, digits - 1 - math.floor(math.log10(value)))
+    return f'{value:.{decimals}f}'
+
+
+def ratio(value, base):
+    value, base = float(rounded(value)), float(rounded(base))
+    return f'{value / base:.2f}x' if base > 0 else '-'
+
+
 def print_table(title, rows, unit):
     print(f'\n{title}')
     base = rows[0][1]
     print(f'| setting | {unit} | ratio | peak memory (GiB) | notes |')
     print('|---|---|---|---|---|')
     for name, value, memory, notes in rows:
-        print(f'| {name} | {value:.1f} | {value / base:.2f}x | {memory:.2f} | {notes} |')
+        print(f'| {name} | {rounded(value)} | {ratio(value, base)} | {memory:.2f} | {notes} |')
+
+
+def announce(args, setting):
+    """What is about to happen, on stderr: compiling can take minutes without a word."""
+    compiling = ' (torch.compile compiles the model there: minutes on a CPU)' \
+        if SETTINGS[setting]['compile'] else ''
+    print(f'bench.py: {setting}: {args.warmup} untimed step{"s" if args.warmup != 1 else ""}'
+          f'{compiling}, then {args.steps} timed', file=sys.stderr, flush=True)
 
 
 def describe(device):
@@ -254,9 +290,9 @@ def bench_data(images, crop_size):
     print('| source | reference (PIL) | fast path, worker half | ratio |')
     print('|---|---|---|---|')
     for label, ref, fast_rate in rows:
-        print(f'| {label} | {ref:.1f} | {fast_rate:.1f} | {fast_rate / ref:.2f}x |')
-    print(f'The fast path\'s device half, run on this CPU (1 thread): {device_cpu:.1f} images/s '
-          f'(on a GPU it costs the workers nothing).')
+        print(f'| {label} | {rounded(ref)} | {rounded(fast_rate)} | {ratio(fast_rate, ref)} |')
+    print(f'The fast path\'s device half, run on this CPU (1 thread): {rounded(device_cpu)} '
+          f'images/s (on a GPU it costs the workers nothing).')
 
 
 def gathered_bank_peak_bytes(bank_size, dim, world_size, query_count, autocast_bytes,
@@ -312,6 +348,7 @@ def main(argv=None):
     try:
         rows = []
         for setting in args.settings:
+            announce(args, setting)
             rate, memory, precision = step_images_per_second(args, setting, device)
             rows.append((setting, rate, memory, precision))
         print_table(f'Training step: {args.arch}, projector {args.projector}, batch '

@@ -6,6 +6,7 @@ flag types below reject bad values with a message naming the value.
 """
 import argparse
 import math
+import os
 import re
 
 
@@ -24,7 +25,50 @@ class InputError(Exception):
         super().__init__(message)
 
 
+REFERENCE_WORKERS = 8  # the reference's --workers default
+
+
+def usable_cpus():
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(prog):
+    """The reference's 8 DataLoader workers, capped at the usable CPUs (PyTorch warns about
+    every loader with more workers than that); says so once when it caps."""
+    cpus = usable_cpus()
+    if cpus >= REFERENCE_WORKERS:
+        return REFERENCE_WORKERS
+    if os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0')) == '0':  # once per run
+        print(f'{prog}: --workers {cpus}: the default {REFERENCE_WORKERS} capped at the {cpus} '
+              f'CPU(s) this process may use', flush=True)
+    return cpus
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every option's default: "(default: X)" unless the help already says it;
+    on/off switches show "off"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if 'default' in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            return text  # the help says what an unset flag means (a test checks every flag)
+        default = 'off' if action.default is False else '%(default)s'
+        return f'{text} (default: {default})'
+
+
 class ArgumentParser(argparse.ArgumentParser):
+    """One-line errors, and --help that shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         # One line, not argparse's usage block: the flag and the problem.
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')

@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -92,8 +91,9 @@ def choose_device_type(requested):
     if requested == 'cuda':
         raise InputError('--device cuda was given but no CUDA GPU is visible; '
                          'pass --device cpu to run on the CPU')
-    warnings.warn('no CUDA GPU found: training on the CPU in a single process (slow); '
-                  'pass --device cpu to choose this explicitly', stacklevel=2)
+    # One plain line: a Python warning would add its source line, which tells a user nothing.
+    print('note: no CUDA GPU found: running on the CPU in a single process (slow); pass '
+          '--device cpu to choose this explicitly', file=sys.stderr, flush=True)
     return 'cpu'
 
 

@@ -10,8 +10,8 @@
         --wrap 'srun python evaluate.py /path/to/imagenet /path/to/resnet50.pth'      # SLURM
     python evaluate.py /path/to/imagenet checkpoint/checkpoint.pth --knn
         # weighted kNN (k=20, 200) on frozen features: a monitor that takes minutes
-    python evaluate.py demo_data checkpoint/demo/resnet18.pth --arch resnet18 --cifar-stem \\
-        --crop-size 32 --device cpu                                                  # the demo
+    python evaluate.py demo_data checkpoint/demo/resnet18.pth --knn   # the demo's weights
+        # --arch, --cifar-stem and --crop-size come from what main.py recorded (checkpoint.pth)
 
 The pretrained FILE may be a backbone state dict (<arch>.pth from main.py, the released
 resnet50.pth, a torchvision-style dict whose fc.* keys are ignored) or a full checkpoint.pth from
@@ -36,10 +36,11 @@ from torch import nn, optim
 
 import distributed
 from augmentations import train_transform, val_transform
-from backbones import ARCHS, build_backbone, load_backbone_state
+from backbones import (ARCHS, build_backbone, describe_settings, load_backbone_state,
+                       recorded_settings)
 from checkpoints import checkpoint_args, load_checkpoint_file, match_state_dict, save_atomic
-from cli import (ArgumentParser, InputError, non_negative_float, non_negative_int, positive_float,
-                 positive_int, positive_ints)
+from cli import (ArgumentParser, InputError, default_workers, non_negative_float,
+                 non_negative_int, positive_float, positive_int, positive_ints)
 from data import (EpochSampler, align_classes, ignore_stop_signals, image_folder,
                   make_eval_loader, seed_everything)
 from knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
@@ -48,7 +49,9 @@ from preemption import StopRequests, Stopped, stop_signals_end_it
 
 SUBSET_URL = ('https://raw.githubusercontent.com/google-research/simclr/master/imagenet_subsets/'
               '{percent}percent.txt')
+SETTING_DEFAULTS = dict(arch='resnet50', cifar_stem=False, crop_size=224)
 SUBSET_LINE = re.compile(r'[^\s/_]+_[^\s/]+')  # n01440764_10026.JPEG: <class>_<rest>
+CLASS_FILE_LINE = re.compile(r'[^/]+/[^/]+\.\w+')  # warm_disc/warm_disc_0001.JPEG: any class
 
 
 def default_checkpoint_dir(weights, train_percent, knn=False):
@@ -78,8 +81,9 @@ def get_arguments():
     parser.add_argument('--train-percent', '--train-perc', default=100, type=int,
                         choices=(100, 10, 1),
                         help='size of training set in percent (1 and 10: the SimCLR subsets)')
-    parser.add_argument('--workers', default=8, type=non_negative_int, metavar='N',
-                        help='number of data loader workers per process')
+    parser.add_argument('--workers', default=None, type=non_negative_int, metavar='N',
+                        help='number of data loader workers per process (default: 8, capped at '
+                             'the CPUs this process may use)')
     parser.add_argument('--epochs', default=100, type=positive_int, metavar='N',
                         help='number of total epochs to run')
     parser.add_argument('--batch-size', default=256, type=positive_int, metavar='N',
@@ -100,17 +104,23 @@ def get_arguments():
                              './checkpoint/semisup_{1,10}pct/ for finetune on a subset, '
                              './checkpoint/knn/ with --knn)')
     # Beyond the reference.
-    parser.add_argument('--arch', default='resnet50', choices=ARCHS,
-                        help='torchvision backbone, as given to main.py')
-    parser.add_argument('--cifar-stem', action='store_true',
-                        help='3x3 stride-1 first convolution and no max-pool, as given to main.py')
-    parser.add_argument('--crop-size', default=224, type=positive_int, metavar='PX',
+    # None: taken from what main.py recorded for FILE, else the default in the help.
+    parser.add_argument('--arch', default=None, choices=ARCHS,
+                        help='torchvision backbone, as given to main.py (default: as recorded '
+                             'for FILE, else resnet50)')
+    parser.add_argument('--cifar-stem', action=argparse.BooleanOptionalAction, default=None,
+                        help='3x3 stride-1 first convolution and no max-pool, as given to '
+                             'main.py (default: as recorded for FILE, else off)')
+    parser.add_argument('--crop-size', default=None, type=positive_int, metavar='PX',
                         help='training crop side; validation resizes to crop*256/224 and '
-                             'center-crops to it')
+                             'center-crops to it (default: the pretraining crop recorded for '
+                             'FILE, else 224)')
     parser.add_argument('--train-files', default=None, type=Path, metavar='FILE',
-                        help='local subset list in the SimCLR format (one file name per line, '
-                             'e.g. n01440764_10026.JPEG) instead of downloading it; needs '
-                             '--train-percent 1 or 10')
+                        help='local subset list, one image per line, either in the SimCLR '
+                             'format (n01440764_10026.JPEG: the class is the part before the '
+                             'first _) or as <class>/<file> (any class names); needs '
+                             '--train-percent 1 or 10 (default: SimCLR\'s list for that '
+                             'percentage, downloaded once and cached)')
     parser.add_argument('--subset-cache-dir', default=None, type=Path, metavar='DIR',
                         help='where downloaded subset lists are kept (default: '
                              '<torch.hub.get_dir()>/simclr_imagenet_subsets, i.e. '
@@ -126,7 +136,7 @@ def get_arguments():
     parser.add_argument('--seed', default=0, type=int,
                         help='seed for the head initialisation, data order and augmentations')
     parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
-                        help='auto: every visible GPU, else the CPU with a warning')
+                        help='auto: every visible GPU, else the CPU with a note')
     return parser
 
 
@@ -135,10 +145,16 @@ def parse_arguments(argv=None):
     command = ' '.join(sys.argv if argv is None else ['evaluate.py'] + list(argv))
     args = parser.parse_args(argv)
     args.command = command
+    # Which settings were given; the others come from FILE's record in main() (see --help).
+    args.given_settings = {k for k in SETTING_DEFAULTS if getattr(args, k) is not None}
+    for key, default in SETTING_DEFAULTS.items():
+        setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
     if args.train_files is not None and args.train_percent == 100:
         parser.error('--train-files selects a subset: give --train-percent 1 or 10 with it')
     if args.crop_size < 8:
         parser.error(f'--crop-size {args.crop_size} is too small (at least 8)')
+    if args.workers is None:
+        args.workers = default_workers(parser.prog)
     if args.checkpoint_dir is None:
         args.checkpoint_dir = default_checkpoint_dir(args.weights, args.train_percent, args.knn)
     return args
@@ -152,11 +168,14 @@ def main(argv=None):
                 image_folder(args.data, split=split)  # the one-line error naming what is missing
         if not args.pretrained.is_file():
             raise InputError(f'pretrained file {args.pretrained} does not exist')
+        take_recorded_settings(args)
         load_backbone_state(args.pretrained, args.arch, args.cifar_stem)  # fail before launching
         if args.train_percent != 100:
             args.train_files = subset_list_file(args.train_percent, args.train_files,
                                                 args.subset_cache_dir)
-            read_subset_list(args.train_files)
+            names = read_subset_list(args.train_files)
+            print(f'evaluate.py: subset list {args.train_files}: {len(names)} images, '
+                  f'{subset_list_format(names)} lines', flush=True)
         distributed.launch(main_worker, (args,), device=args.device)
     except InputError as e:
         sys.exit(f'evaluate.py: error: {e}')
@@ -177,6 +196,35 @@ def main_worker(info, args):
         if info.is_main:
             print(f'evaluate.py: {e}', file=sys.stderr, flush=True)
         sys.exit(0)
+
+
+def take_recorded_settings(args):
+    """--arch, --cifar-stem and --crop-size from what main.py recorded for the pretrained file,
+    where not given. A given --arch or --cifar-stem that contradicts the record is an error; a
+    given crop that differs from the pretraining crop is allowed, with a warning."""
+    recorded, source = recorded_settings(args.pretrained)
+    given = {k: getattr(args, k) for k in args.given_settings}
+    clash = {k: v for k, v in given.items() if k in recorded and k != 'crop_size'
+             and v != recorded[k]}
+    if clash:
+        raise InputError(f'{args.pretrained} was pretrained with {describe_settings(recorded)} '
+                         f'(recorded in {source}), this run has {_flags(clash)}; '
+                         f'drop the flag or pass the same')
+    taken = {k: v for k, v in recorded.items() if k not in given}
+    for key, value in taken.items():
+        setattr(args, key, value)
+    if taken:
+        print(f'evaluate.py: {_flags(taken)}, as recorded in {source}', flush=True)
+    pretrained_crop = recorded.get('crop_size')
+    if pretrained_crop is not None and pretrained_crop != args.crop_size:
+        print(f'evaluate.py: warning: evaluating at --crop-size {args.crop_size}, but '
+              f'{args.pretrained} was pretrained at {pretrained_crop} px: accuracies will differ '
+              f'from an evaluation at the pretraining crop', file=sys.stderr, flush=True)
+
+
+def _flags(settings):
+    return (describe_settings(settings) + (' --no-cifar-stem' if settings.get('cifar_stem') is
+                                           False else '')).strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +256,15 @@ def linear_eval(info, args):
     if args.batch_size % info.world_size != 0:
         raise InputError(f'--batch-size {args.batch_size} is not divisible by the world size '
                          f'{info.world_size}')
+    done = finished_evaluation(args)
+    if done is not None:  # every rank: none of them has anything to do
+        if info.is_main:
+            print(f'evaluate.py: the evaluation in {args.checkpoint_dir} is already complete '
+                  f'({done["epoch"]} epoch(s), best top-1 {done["top1"]:.2f}%, top-5 '
+                  f'{done["top5"]:.2f}%); its log is {args.checkpoint_dir / "stats.txt"}. Give a '
+                  f'larger --epochs to train on, or another --checkpoint-dir for a new run',
+                  flush=True)
+        return
     stats_log = open_stats_log(args, info)
     seed_everything(args.seed)
     pretrained = load_backbone_state(args.pretrained, args.arch, args.cifar_stem)
@@ -216,7 +273,7 @@ def linear_eval(info, args):
     start_epoch, start_step, best_acc = resume(args, model, optimizer, scheduler, pretrained)
     train_loader, val_loader = build_loaders(args, info, train_set, val_set)
     if info.is_main:
-        print_provenance(args, info, len(train_set), len(val_set))
+        print_provenance(args, info, train_set, val_set)
     run = Training(args, info, model, optimizer, scheduler, train_loader, stats_log,
                    StopRequests(info.world_size, info.device), best_acc)
     try:
@@ -226,6 +283,25 @@ def linear_eval(info, args):
     finally:
         run.stop.close()
         stats_log.close()
+
+
+def finished_evaluation(args):
+    """{epoch, top1, top5} of an evaluation in --checkpoint-dir that has done --epochs, else
+    None (also for a checkpoint that resume() has to look at more closely)."""
+    path = args.checkpoint_dir / 'checkpoint.pth'
+    if not path.is_file():
+        return None
+    try:  # mmap: the tensors are not read
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable or the reference's: resume() reports it
+        return None
+    saved = ckpt.get('args') if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict) or not isinstance(ckpt.get('best_acc'), dict) or \
+            any(saved.get(k) != getattr(args, k) for k in ('weights', 'train_percent', 'arch')) \
+            or saved.get('pretrained') != str(args.pretrained) \
+            or not isinstance(ckpt.get('epoch'), int) or ckpt['epoch'] < args.epochs:
+        return None
+    return dict(epoch=ckpt['epoch'], **ckpt['best_acc'])
 
 
 def end_epoch(run, epoch, val_loader, pretrained):
@@ -357,12 +433,21 @@ def open_stats_log(args, info):
     return StatsLog(args.checkpoint_dir / 'stats.txt', args.command, info.is_main)
 
 
-def print_provenance(args, info, train_size, val_size):
+def train_images(args, train_set):
+    """'40 of 400 train images (10.0%, --train-percent 1 list)': the fraction selected."""
+    total = getattr(train_set, 'subset_of', None)
+    if total is None:
+        return f'{len(train_set)} train images'
+    return (f'{len(train_set)} of {total} train images ({100 * len(train_set) / total:.3g}%, '
+            f'--train-percent {args.train_percent} list)')
+
+
+def print_provenance(args, info, train_set, val_set):
     device = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else 'cpu'
     mode = 'kNN' if args.knn else args.weights
     print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, {device}; world '
-          f'size {info.world_size}; {mode} {args.arch}, {train_size} train images '
-          f'({args.train_percent}%), {val_size} val images, batch {args.batch_size} '
+          f'size {info.world_size}; {mode} {args.arch}, {train_images(args, train_set)}, '
+          f'{len(val_set)} val images, batch {args.batch_size} '
           f'({args.batch_size // info.world_size} per process)', flush=True)
     if args.knn:
         return
@@ -473,7 +558,8 @@ def subset_list_file(percent, train_files=None, cache_dir=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as response:
             tmp.write_bytes(response.read())
-        read_subset_list(tmp)  # a proxy's error page must not be cached as the list
+        if subset_list_format(read_subset_list(tmp)) != 'SimCLR':
+            raise ValueError('not in the SimCLR format')  # a proxy's error page, say
         os.replace(tmp, path)
     except (OSError, ValueError, InputError) as e:
         reason = getattr(e, 'reason', None) or e
@@ -485,18 +571,26 @@ def subset_list_file(percent, train_files=None, cache_dir=None):
 
 
 def read_subset_list(path):
-    """File names from a SimCLR subset list (one `<class>_<id>.JPEG` per line)."""
+    """The lines of a subset list: SimCLR's `<class>_<id>.JPEG` file names, or `<class>/<file>`
+    paths (for class names that contain `_`), one format per file."""
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f'cannot read subset list {path}: {e}') from None
     names = [line.strip() for line in lines if line.strip()]
-    bad = [n for n in names if not SUBSET_LINE.fullmatch(n)]
+    pattern = CLASS_FILE_LINE if names and '/' in names[0] else SUBSET_LINE
+    bad = [n for n in names if not pattern.fullmatch(n)]
     if not names or bad:
         example = f'; first bad line: {bad[0][:80]!r}' if bad else ' (it is empty)'
         raise InputError(f'{path} is not a subset list of file names such as '
-                         f'n01440764_10026.JPEG{example}')
+                         f'n01440764_10026.JPEG or of <class>/<file> lines such as '
+                         f'n01440764/n01440764_10026.JPEG{example}')
     return names
+
+
+def subset_list_format(names):
+    """'SimCLR' or 'class/file', for a list read_subset_list accepted."""
+    return 'class/file' if '/' in names[0] else 'SimCLR'
 
 
 def select_subset(dataset, names, list_path):
@@ -505,7 +599,7 @@ def select_subset(dataset, names, list_path):
     available = {Path(p).relative_to(root).as_posix(): t for p, t in dataset.samples}
     samples, missing = [], []
     for name in names:
-        rel = f'{name.split("_")[0]}/{name}'
+        rel = name if '/' in name else f'{name.split("_")[0]}/{name}'
         if rel in available:
             samples.append((str(root / rel), available[rel]))
         else:
@@ -514,6 +608,7 @@ def select_subset(dataset, names, list_path):
         shown = ', '.join(missing[:5]) + (' ...' if len(missing) > 5 else '')
         raise InputError(f'{len(missing)} of the {len(names)} images listed in {list_path} are '
                          f'missing under {root}: {shown}')
+    dataset.subset_of = len(dataset.samples)  # for the fraction in the log
     dataset.samples = dataset.imgs = samples
     dataset.targets = [t for _, t in samples]
 
@@ -543,7 +638,7 @@ def knn_main(info, args):
         raise InputError(f'{len(bank_set)} training images are too few for {info.world_size} '
                          f'processes')
     if info.is_main:
-        print_provenance(args, info, len(bank_set), len(val_set))
+        print_provenance(args, info, bank_set, val_set)
     per_rank = max(1, args.batch_size // info.world_size)
     start_time = time.time()
     top1 = knn_evaluate(backbone, make_eval_loader(bank_set, per_rank, args.workers, info),

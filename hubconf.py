@@ -4,7 +4,7 @@
     model = torch.hub.load('/path/to/clone', 'resnet50', source='local',
                            weights='/path/to/resnet50.pth')                  # offline, a file
     net = torch.hub.load('/path/to/clone', 'backbone', source='local',
-                         weights='checkpoint/resnet18.pth', arch='resnet18', cifar_stem=True)
+                         weights='checkpoint/demo/resnet18.pth')   # settings as main.py recorded
     model = torch.hub.load('/path/to/clone', 'barlowtwins', source='local',
                            checkpoint='checkpoint/checkpoint.pth')          # + projector
 
@@ -49,7 +49,15 @@ def resnet50(pretrained=True, progress=True, weights=None, **kwargs):
     if source is None:
         return model
     backbones = _repo_module('backbones')
-    state = backbones.load_backbone_state(_local_file(source, progress), 'resnet50', False)
+    path = _local_file(source, progress)
+    state, saved = backbones.read_pretrained(path)
+    recorded, _ = backbones.recorded_settings(path, saved)
+    if recorded.get('arch', 'resnet50') != 'resnet50' or recorded.get('cifar_stem'):
+        raise _repo_module('cli').InputError(
+            f'{source} was pretrained with {backbones.describe_settings(recorded, keywords=True)},'
+            f' not as a ResNet-50: load it with the \'backbone\' entry, torch.hub.load(REPO, '
+            f'\'backbone\', source=\'local\', weights={str(source)!r})')
+    state = backbones.check_backbone_state(state, saved, path, 'resnet50', False, keywords=True)
     result = model.load_state_dict(state, strict=False)
     if sorted(result.missing_keys) != ['fc.bias', 'fc.weight'] or result.unexpected_keys:
         raise _repo_module('cli').InputError(
@@ -62,16 +70,18 @@ def backbone(weights, arch=None, cifar_stem=None, progress=True):
     """The backbone as main.py builds it (torchvision ResNet, fc = Identity) with one's own
     weights: <arch>.pth or checkpoint.pth from main.py, or any file resnet50() accepts.
 
-    arch / cifar_stem default to the values saved in a main.py checkpoint, else resnet50 with
-    the ImageNet stem.
+    arch / cifar_stem default to what main.py recorded: in a checkpoint.pth itself, and for an
+    <arch>.pth in the checkpoint.pth beside it; else resnet50 with the ImageNet stem.
     """
     backbones = _repo_module('backbones')
     path = _local_file(weights, progress)
     state, saved = backbones.read_pretrained(path)
-    arch = arch or saved.get('arch', 'resnet50')
-    cifar_stem = bool(saved.get('cifar_stem', False) if cifar_stem is None else cifar_stem)
-    net, _ = backbones.build_backbone(arch, cifar_stem)
-    net.load_state_dict(backbones.check_backbone_state(state, saved, path, arch, cifar_stem))
+    recorded, _ = backbones.recorded_settings(path, saved)
+    arch = arch or recorded.get('arch', 'resnet50')
+    cifar_stem = bool(recorded.get('cifar_stem', False) if cifar_stem is None else cifar_stem)
+    net, _ = backbones.build_backbone(_checked_arch(arch), cifar_stem)
+    net.load_state_dict(backbones.check_backbone_state(state, dict(saved, **recorded), path, arch,
+                                                       cifar_stem, keywords=True))
     return net
 
 
@@ -95,13 +105,20 @@ def barlowtwins(checkpoint, arch=None, cifar_stem=None, progress=True):
                     if re.fullmatch(r'projector\.\d+\.weight', k) and v.ndim == 2)
     if not linear:
         raise cli.InputError(f'{checkpoint} has no projector weights (projector.<i>.weight)')
-    net, feature_dim = backbones.build_backbone(arch, cifar_stem)
+    net, feature_dim = backbones.build_backbone(_checked_arch(arch), cifar_stem)
     model = main.BarlowTwins(backbone=net, feature_dim=feature_dim,
                              projector='-'.join(str(size) for _, size in linear),
                              lambd=saved.get('lambd', 0.0051),
                              scale_loss=saved.get('scale_loss', 1.0))
     model.load_state_dict(checkpoints.match_state_dict(state, model, str(checkpoint)))
     return model
+
+
+def _checked_arch(arch):
+    archs = _repo_module('backbones').ARCHS
+    if arch not in archs:
+        raise _repo_module('cli').InputError(f'arch={arch!r}: expected one of {", ".join(archs)}')
+    return arch
 
 
 def _local_file(source, progress=True):

@@ -33,8 +33,8 @@ from augmentations import (IMAGENET_MEAN, IMAGENET_STD, CropTransform, FastTwoVi
 from backbones import ARCHS, build_backbone
 from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint_file,
                          match_state_dict, remove_temporaries, save_atomic)
-from cli import (ArgumentParser, InputError, duration, non_negative_float, non_negative_int,
-                 positive_float, positive_int, probability_pair, unit_fraction)
+from cli import (ArgumentParser, InputError, default_workers, duration, non_negative_float,
+                 non_negative_int, positive_float, positive_int, probability_pair, unit_fraction)
 from data import (EpochSampler, SeededSamples, ignore_stop_signals, image_folder,
                   make_demo_dataset, seed_everything)
 from monitor import OnlineProbe, Progress, StatsLog
@@ -54,8 +54,9 @@ def get_arguments():
     parser.add_argument('data', type=Path, metavar='DIR', nargs='?',
                         help='path to dataset (ImageFolder layout: DIR/train/<class>/<image>, '
                              'or a file written by pack.py)')
-    parser.add_argument('--workers', default=8, type=non_negative_int, metavar='N',
-                        help='number of data loader workers per process')
+    parser.add_argument('--workers', default=None, type=non_negative_int, metavar='N',
+                        help='number of data loader workers per process (default: 8, capped at '
+                             'the CPUs this process may use)')
     parser.add_argument('--epochs', default=1000, type=positive_int, metavar='N',
                         help='number of total epochs to run')
     parser.add_argument('--batch-size', default=2048, type=positive_int, metavar='N',
@@ -69,7 +70,8 @@ def get_arguments():
                              '(default 0.0048)')
     parser.add_argument('--learning-rate', default=None, type=non_negative_float, metavar='LR',
                         help='earlier release: one base learning rate for all parameters '
-                             '(excludes --learning-rate-weights/--learning-rate-biases)')
+                             '(excludes --learning-rate-weights/--learning-rate-biases; default: '
+                             'unset, the two rates above)')
     parser.add_argument('--scale-loss', default=1.0, type=positive_float, metavar='S',
                         help='earlier release: multiply both loss terms by S (0.024 there)')
     parser.add_argument('--weight-decay', default=1e-6, type=non_negative_float, metavar='W',
@@ -81,7 +83,8 @@ def get_arguments():
     parser.add_argument('--print-freq', default=100, type=positive_int, metavar='N',
                         help='print frequency')
     parser.add_argument('--checkpoint-dir', default=Path('./checkpoint/'), type=Path,
-                        metavar='DIR', help='path to checkpoint directory')
+                        metavar='DIR', help='path to checkpoint directory (default: '
+                                            './checkpoint/)')
     # Beyond the reference (README, "Flags beyond the original").
     parser.add_argument('--arch', default='resnet50', choices=ARCHS,
                         help='torchvision backbone')
@@ -123,7 +126,8 @@ def get_arguments():
                              'gradient / world size')
     parser.add_argument('--reference-world-size', default=None, type=positive_int, metavar='W',
                         help='scale gradients as the reference would with W processes, whatever '
-                             'the actual number (e.g. 16 for the released checkpoint)')
+                             'the actual number (e.g. 16 for the released checkpoint; default: '
+                             'unset, the reference\'s gradient / actual world size)')
     parser.add_argument('--drop-last', action='store_true',
                         help='drop each epoch\'s incomplete last batch (the reference keeps it '
                              'but still divides by the full batch size)')
@@ -131,7 +135,8 @@ def get_arguments():
                         'and augmentations (each epoch reseeds, so resumed runs repeat exactly)')
     parser.add_argument('--checkpoint-every', default=None, type=duration, metavar='TIME',
                         help='also write checkpoint.pth in the middle of epochs every TIME (e.g. '
-                             '30m, 2h, 900s); a resumed run continues at the exact step')
+                             '30m, 2h, 900s); a resumed run continues at the exact step '
+                             '(default: off, at epoch ends only)')
     parser.add_argument('--rollbacks', default=0, type=non_negative_int, metavar='N',
                         help='on a non-finite loss, go back to the last checkpoint and continue '
                              'with the learning rates lowered (see --rollback-lr-factor), at most '
@@ -154,7 +159,7 @@ def get_arguments():
                         help='also log the stats to CHECKPOINT_DIR/tensorboard (needs the '
                              'tensorboard package)')
     parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
-                        help='auto: every visible GPU, else the CPU with a warning')
+                        help='auto: every visible GPU, else the CPU with a note')
     parser.add_argument('--demo', action='store_true',
                         help=f'train on a generated synthetic dataset ({DEMO_DATA} unless DIR is '
                              f'given) with small CPU-sized defaults: '
@@ -181,6 +186,8 @@ def parse_arguments(argv=None):
         parser.set_defaults(**DEMO_DEFAULTS)
     args = parser.parse_args(argv)
     args.command = command
+    if args.workers is None:
+        args.workers = default_workers(parser.prog)
     try:
         check_arguments(args)
     except InputError as e:
@@ -193,6 +200,9 @@ def check_arguments(args):
         if not args.demo:
             raise InputError('the dataset directory DIR is required (or --demo)')
         args.data = DEMO_DATA
+    if args.demo and args.data.exists() and not args.data.is_dir():
+        raise InputError(f'--demo writes its dataset to DIR, but {args.data} is a file; give a '
+                         f'directory, or no DIR for {DEMO_DATA}')
     if args.learning_rate is not None:
         given = [f for f, v in (('--learning-rate-weights', args.learning_rate_weights),
                                 ('--learning-rate-biases', args.learning_rate_biases)) if v is not None]
@@ -278,6 +288,10 @@ def train(info, args):
     if args.batch_size % info.world_size != 0:
         raise InputError(f'--batch-size {args.batch_size} is not divisible by the world size '
                          f'{info.world_size}')
+    if finished_epochs(args) is not None:  # every rank: none of them has anything to do
+        if info.is_main:
+            print_summary(args, already=True)
+        return
     lock = RunLock(args.checkpoint_dir).acquire() if info.is_main else None
     try:
         if info.is_main:
@@ -299,6 +313,55 @@ def train(info, args):
     finally:
         if lock is not None:
             lock.release()
+    if info.is_main:
+        print_summary(args)
+
+
+def finished_epochs(args):
+    """The epochs done by a run in --checkpoint-dir that has finished --epochs and exported its
+    backbone, else None (also for a checkpoint that resume() has to look at more closely)."""
+    path = args.checkpoint_dir / 'checkpoint.pth'
+    if not (path.is_file() and (args.checkpoint_dir / f'{args.arch}.pth').is_file()):
+        return None
+    try:  # mmap: nothing but `epoch` is read
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable or the earlier release's: resume() reports it
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get('step_in_epoch') or \
+            not isinstance(ckpt.get('epoch'), int) or ckpt['epoch'] < args.epochs:
+        return None
+    return ckpt['epoch']
+
+
+def print_summary(args, already=False):
+    """What was trained, where the files are, and the commands that use them."""
+    ckdir, data = args.checkpoint_dir, args.data
+    backbone = ckdir / f'{args.arch}.pth'
+    settings = f'{args.arch}{" --cifar-stem" if args.cifar_stem else ""}, {args.crop_size} px ' \
+               f'crops, projector {args.projector}'
+    epochs = finished_epochs(args) if already else args.epochs
+    epochs = f'{epochs} epoch{"s" if epochs != 1 else ""}'
+    head = f'the run in {ckdir} is already complete ({epochs} of ' \
+           f'{settings}); nothing to do. Give a larger --epochs to train on, or another ' \
+           f'--checkpoint-dir for a new run' if already else \
+        f'finished: {epochs} of {settings} on {data}'
+    repo = Path(__file__).resolve().parent
+    repo = '.' if repo == Path.cwd().resolve() else str(repo)
+    # the demo's evaluations: sized for its 400 images, their files beside the demo's own
+    knn_flags = f' --checkpoint-dir {ckdir / "knn"}' if args.demo else ''
+    probe_flags = f' --batch-size 64 --epochs 10 --checkpoint-dir {ckdir / "lincls"}' \
+        if args.demo else ''
+    print(f'main.py: {head}.\n'
+          f'  {backbone}  the backbone\'s weights (torchvision layout, no fc)\n'
+          f'  {ckdir / "checkpoint.pth"}  the whole model and optimizer (also records the '
+          f'settings)\n'
+          f'  {ckdir / "stats.txt"}  the log (python plot.py {ckdir / "stats.txt"} draws it)\n'
+          f'Next (evaluate.py takes --arch, --cifar-stem and --crop-size from '
+          f'{ckdir / "checkpoint.pth"}):\n'
+          f'  python evaluate.py {data} {backbone} --knn{knn_flags}  # weighted kNN top-1\n'
+          f'  python evaluate.py {data} {backbone}{probe_flags}  # linear probe\n'
+          f'  python -c "import torch; net = torch.hub.load(\'{repo}\', \'backbone\', '
+          f'source=\'local\', weights=\'{backbone}\'); print(type(net).__name__)"', flush=True)
 
 
 def build_run(info, args):

@@ -53,7 +53,8 @@ def get_arguments():
     parser.add_argument('--commit-every', type=positive_int, default=1000, metavar='N',
                         help='make progress durable every N images (default: 1000)')
     parser.add_argument('--check', type=Path, metavar='FILE',
-                        help='instead of packing: check FILE and decode every image in it')
+                        help='instead of packing: check FILE and decode every image in it '
+                             '(default: pack)')
     return parser
 
 

@@ -2,19 +2,27 @@
 
     python plot.py checkpoint/stats.txt                       # -> checkpoint/stats.png
     python plot.py run_a/stats.txt run_b/stats.txt -o compare.png
+    python plot.py checkpoint/stats.txt checkpoint/lincls/stats.txt checkpoint/knn/stats.txt
 
-Panels: loss, learning rates and accuracies (online probe, kNN monitor, linear evaluation) against
-the epoch. Needs matplotlib (pip install matplotlib), imported only here.
+One column of panels per kind of log: pretraining (main.py), linear probe, fine-tuning
+(semi-supervised) and kNN (evaluate.py). Pretraining and evaluation columns show the loss, the
+learning rates (weights or classifier on the left axis, biases or backbone on the right one)
+and the accuracies against the epoch; the kNN column shows top-1 against k, one line per
+evaluation. Needs matplotlib (pip install matplotlib), imported only here.
 """
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
 LOSS_KEYS = ('loss',)
-LR_KEYS = ('lr_weights', 'lr_biases', 'lr_backbone', 'lr_classifier')
+LR_KEYS = ('lr_weights', 'lr_classifier')  # left axis
+LR_RIGHT_KEYS = ('lr_biases', 'lr_backbone')  # right axis: 40x smaller (biases) or often 0
 ACC_KEYS = ('online_acc1', 'knn_top1_k20', 'knn_top1_k200', 'acc1', 'acc5')
+KINDS = ('pretraining', 'linear probe', 'fine-tuning', 'kNN')
+MARKER_POINTS = 30  # series with at most this many points are drawn with markers
 
 
 class StatsError(Exception):
@@ -22,21 +30,35 @@ class StatsError(Exception):
 
 
 def read_stats(path):
-    """The JSON lines of a stats.txt (the first line, the command, and other text are skipped)."""
+    """The JSON lines of a stats.txt, each with the command line that started it under
+    '_command' (other text, such as rollback notes, is skipped)."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
         raise StatsError(f'cannot read {path}: {e.strerror or e}') from None
-    records = []
+    records, command = [], ''
     for number, line in enumerate(lines, 1):
         if line.startswith('{'):
             try:
-                records.append(json.loads(line))
+                records.append(dict(json.loads(line), _command=command))
             except json.JSONDecodeError as e:
                 raise StatsError(f'{path}:{number}: not a JSON stats line ({e.msg})') from None
+        elif line.split(' ', 1)[0].endswith('.py'):
+            command = line
     if not records:
         raise StatsError(f'{path} has no JSON stats lines')
     return records
+
+
+def kind_of(records):
+    """Which column a log goes to (see KINDS)."""
+    if any(isinstance(r.get('knn_top1'), dict) for r in records):
+        return 'kNN'
+    if any('lr_weights' in r or 'online_acc1' in r or 'knn_top1_k20' in r for r in records):
+        return 'pretraining'
+    finetune = any('--weights finetune' in ' '.join(r['_command'].split()) or
+                   r.get('lr_backbone', 0) > 0 for r in records)
+    return 'fine-tuning' if finetune else 'linear probe'
 
 
 def current_timeline(records):
@@ -82,6 +104,14 @@ def series(records, key):
 
 
 def plot(paths, output):
+    fig = figure(paths)
+    fig.savefig(output, dpi=100)
+    fig.clf()
+    return output
+
+
+def figure(paths):
+    """The matplotlib Figure of the stats files at `paths` (see the module docstring)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -89,34 +119,149 @@ def plot(paths, output):
     except ImportError:
         raise StatsError('plotting needs matplotlib: pip install matplotlib') from None
     runs = [(Path(p), current_timeline(read_stats(p))) for p in paths]
-    panels = [('loss', LOSS_KEYS, 'log'), ('learning rate', LR_KEYS, 'linear'),
-              ('accuracy (%)', ACC_KEYS, 'linear')]
-    panels = [p for p in panels if any(series(r, k)[0] for _, r in runs for k in p[1])]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3 * len(panels)), squeeze=False)
-    for ax, (title, keys, scale) in zip(axes[:, 0], panels):
-        for path, records in runs:
+    kinds = [k for k in KINDS if any(kind_of(r) == k for _, r in runs)]
+    rows = 3 if any(k != 'kNN' for k in kinds) else 1
+    fig, axes = plt.subplots(rows, len(kinds), figsize=(5.5 * len(kinds), 3.2 * rows),
+                             squeeze=False)
+    many = len(runs) > 1
+    for column, kind in enumerate(kinds):
+        mine = [(run_label(path, many), records) for path, records in runs
+                if kind_of(records) == kind]
+        panels = axes[:, column]
+        panels[0].set_title(kind)
+        if kind == 'kNN':
+            knn_panel(panels[0], mine)
+            for ax in panels[1:]:
+                ax.axis('off')
+            continue
+        line_panel(panels[0], mine, LOSS_KEYS, 'loss')
+        lr_panel(panels[1], mine)
+        line_panel(panels[2], mine, ACC_KEYS, 'accuracy (%)')
+        panels[2].set_xlabel('epoch')
+        same_epochs(panels)
+    fig.tight_layout()
+    plt.close(fig)  # pyplot forgets it; the caller still holds it
+    return fig
+
+
+def same_epochs(panels):
+    """One epoch range, from 0, for a column (a one-epoch log would get a range around 0)."""
+    xs = [x for ax in panels for axis in (ax, *ax.get_shared_x_axes().get_siblings(ax))
+          for line in axis.get_lines() for x in line.get_xdata()]
+    right = max(max(xs, default=1), 1)
+    for ax in panels:
+        ax.set_xlim(-0.03 * right, 1.03 * right)  # margins: points at the ends stay whole
+
+
+def run_label(path, many):
+    return f'{path.parent.name}/' if many else ''
+
+
+def draw(ax, xs, ys, label, **style):
+    marker = 'o' if len(xs) <= MARKER_POINTS else None
+    return ax.plot(xs, ys, label=label, linewidth=1, marker=marker, markersize=4, **style)
+
+
+def line_panel(ax, runs, keys, ylabel):
+    drawn = False
+    for prefix, records in runs:
+        for key in keys:
+            xs, ys = series(records, key)
+            if xs:
+                draw(ax, xs, ys, f'{prefix}{key}')
+                drawn = True
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        readable_scale(ax)
+        ax.legend(fontsize='small')
+    else:
+        ax.text(0.5, 0.5, 'not logged', ha='center', va='center', transform=ax.transAxes)
+
+
+def readable_scale(ax):
+    """Linear, unless the values span more than two decades: then logarithmic, with plain
+    numbers as tick labels."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+    if ys and max(ys) / min(ys) > 100:
+        from matplotlib.ticker import ScalarFormatter
+        ax.set_yscale('log')
+        formatter = ScalarFormatter()
+        formatter.set_scientific(False)
+        ax.yaxis.set_major_formatter(formatter)
+
+
+def lr_panel(ax, runs):
+    """Weights (or classifier) rates on the left axis, biases (or backbone) on the right, so
+    that a rate 40x smaller is not flat at zero. A rate that is 0 throughout is left out."""
+    right = ax.twinx()
+    lines = []
+    for axis, keys, style in ((ax, LR_KEYS, '-'), (right, LR_RIGHT_KEYS, '--')):
+        for prefix, records in runs:
             for key in keys:
                 xs, ys = series(records, key)
-                if xs:
-                    label = f'{path.parent.name}/{key}' if len(runs) > 1 else key
-                    ax.plot(xs, ys, label=label, linewidth=1)
-        ax.set_ylabel(title)
-        ax.set_yscale(scale)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize='small')
-    axes[-1, 0].set_xlabel('epoch')
-    fig.tight_layout()
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
-    return output
+                if xs and any(ys):
+                    color = f'C{len(lines) % 10}'
+                    lines += draw(axis, xs, ys, f'{prefix}{key}', linestyle=style, color=color)
+    ax.set_ylabel('learning rate (solid: left axis)')
+    right.set_ylabel('dashed: right axis')
+    ax.grid(alpha=0.3)
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], fontsize='small')
+    on_right = [y for line in lines if line.axes is right for y in line.get_ydata()]
+    if not on_right:
+        right.set_yticks([])
+        right.set_ylabel('')
+    elif min(on_right) >= 0:
+        # Same schedule, other scale: at full height the dashed curve would hide the solid one.
+        right.set_ylim(0, 2 * max(on_right))
 
 
-def main(argv=None):
+def knn_panel(ax, runs):
+    """Top-1 against k: one line per evaluation (an evaluate.py --knn log holds one JSON line
+    per evaluation run into it)."""
+    ks = set()
+    for prefix, records in runs:
+        for record in records:
+            top1 = record.get('knn_top1')
+            if not isinstance(top1, dict):
+                continue
+            points = sorted((int(k), v) for k, v in top1.items())
+            ks.update(k for k, _ in points)
+            ax.plot([k for k, _ in points], [v for _, v in points], marker='o', markersize=4,
+                    linewidth=1, label=f'{prefix}{evaluated_file(record)}')
+    ax.set_xscale('log')
+    ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+    ax.minorticks_off()
+    ax.set_xlabel('k (neighbours)')
+    ax.set_ylabel('kNN top-1 (%)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small')
+
+
+def evaluated_file(record):
+    """The pretrained FILE of the evaluate.py command that wrote `record`, as parent/name."""
+    try:
+        words = shlex.split(record['_command'])
+    except ValueError:
+        words = []
+    files = [w for w in words[1:] if not w.startswith('-')][1:2]
+    if not files:
+        return 'top-1'
+    path = Path(files[0])
+    return f'{path.parent.name}/{path.name}' if path.parent.name else path.name
+
+
+def get_arguments():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], prog='plot.py')
     parser.add_argument('stats', nargs='+', type=Path, help='stats.txt files to overlay')
     parser.add_argument('-o', '--output', type=Path, default=None,
                         help='PNG to write (default: next to the first stats file)')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = get_arguments().parse_args(argv)
     output = args.output or args.stats[0].with_suffix('.png')
     try:
         plot(args.stats, output)

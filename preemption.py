@@ -147,33 +147,50 @@ class RunLock:
         self.fd = None
 
     def acquire(self):
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise InputError(f'cannot write to {self.path.parent}: {e.strerror or e}') from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors='replace').strip() or 'unknown process'
-            os.close(fd)
-            raise InputError(f'{self.path.parent} is in use by another run ({holder}); wait for '
-                             f'it to finish or use another --checkpoint-dir') from None
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors='replace').strip() or 'unknown process'
+                os.close(fd)
+                raise InputError(f'{self.path.parent} is in use by another run ({holder}); wait '
+                                 f'for it to finish or use another --checkpoint-dir') from None
+            if self._still_there(fd):
+                break
+            os.close(fd)  # locked a file that its holder removed on release: take the new one
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f'pid {os.getpid()} on {socket.gethostname()} since '
                          f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode())
         except OSError as e:  # a full disk: the directory could not take a checkpoint either
-            if created:
-                self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)  # ours while we hold the lock; no empty .lock left
             os.close(fd)
             raise InputError(f'cannot write to {self.path.parent}: {e.strerror or e}') from None
         self.fd = fd
         return self
 
+    def _open(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise InputError(f'cannot write to {self.path.parent}: {e.strerror or e}') from None
+
+    def _still_there(self, fd):
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
     def release(self):
+        """Remove the file, then unlock: a finished run leaves no .lock behind. (A run that
+        opened the file meanwhile finds it gone once it holds the lock, and retries.)"""
         if self.fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only directory: the lock still goes with the descriptor
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

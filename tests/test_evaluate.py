@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import backbones
+import cli
 import checkpoints
 import data
 import distributed
@@ -139,7 +140,8 @@ def test_default_checkpoint_dirs_differ_per_mode(flags, expected):
     assert args.checkpoint_dir.as_posix() == expected
 
 
-def test_reference_defaults():
+def test_reference_defaults(monkeypatch):
+    monkeypatch.setattr(cli, 'usable_cpus', lambda: 64)
     args = evaluate.parse_arguments(['data', 'resnet50.pth'])
     assert (args.weights, args.train_percent, args.workers, args.epochs, args.batch_size,
             args.lr_backbone, args.lr_classifier, args.weight_decay, args.print_freq) \

@@ -1,4 +1,5 @@
 """hubconf.py through torch.hub.load(<local clone>, ..., source='local'), offline."""
+import shutil
 import sys
 import types
 import urllib.error
@@ -121,13 +122,24 @@ def test_released_weights_offline_without_cache_is_a_clear_error(torch_home, mon
 
 
 def test_wrong_files_raise_naming_keys(pre, tmp_path, no_network):
+    alone = tmp_path / 'resnet18.pth'  # a resnet18 backbone with no checkpoint.pth beside it
+    shutil.copy(pre.backbone, alone)
     with pytest.raises(InputError, match=r'missing: layer1\.0\.bn3\.bias'):
-        hub_load('resnet50', weights=str(pre.backbone))  # a resnet18 backbone
+        hub_load('resnet50', weights=str(alone))
     torch.save({'foo.weight': torch.zeros(3)}, tmp_path / 'random.pth')
     with pytest.raises(InputError, match=r'missing: bn1\.bias.*unexpected: foo\.weight'):
         hub_load('resnet50', weights=str(tmp_path / 'random.pth'))
-    with pytest.raises(InputError, match='pretrained with --arch resnet18 --cifar-stem'):
-        hub_load('resnet50', weights=str(pre.checkpoint))
+    # Errors name the keyword arguments of the entries, not main.py's flags.
+    for weights in (pre.checkpoint, pre.backbone):  # recorded in it, or in checkpoint.pth beside
+        with pytest.raises(InputError, match="pretrained with arch='resnet18', cifar_stem=True, "
+                                             "not as a ResNet-50: load it with the 'backbone'"):
+            hub_load('resnet50', weights=str(weights))
+    with pytest.raises(InputError, match="pretrained with arch='resnet18', cifar_stem=True, this "
+                                         "call has arch='resnet50', cifar_stem=True; pass the "
+                                         "same keyword arguments"):
+        hub_load('backbone', weights=str(pre.backbone), arch='resnet50')
+    with pytest.raises(InputError, match=r"^arch='resnet5': expected one of resnet18, "):
+        hub_load('backbone', weights=str(pre.backbone), arch='resnet5')
 
 
 def test_backbone_entry_loads_own_files(pre, no_network):
@@ -138,8 +150,22 @@ def test_backbone_entry_loads_own_files(pre, no_network):
     net = hub_load('backbone', weights=str(pre.checkpoint))  # arch and stem from its saved args
     assert_loaded(net, expected)
     assert net.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 512)
-    with pytest.raises(InputError, match='missing'):  # no saved args: resnet50 is assumed
-        hub_load('backbone', weights=str(pre.backbone))
+    net = hub_load('backbone', weights=str(pre.backbone))  # from checkpoint.pth beside it
+    assert_loaded(net, expected)
+
+
+def test_backbone_entry_without_a_record_assumes_resnet50(pre, tmp_path, no_network):
+    alone = tmp_path / 'resnet18.pth'
+    shutil.copy(pre.backbone, alone)
+    with pytest.raises(InputError, match=r"for arch='resnet50', cifar_stem=False\) does not "
+                                         r"match.*missing"):
+        hub_load('backbone', weights=str(alone))
+    other_run = tmp_path / 'checkpoint.pth'  # beside it, but of another arch: not its record
+    torch.save({'args': {'arch': 'resnet50', 'cifar_stem': False}, 'model': {}}, other_run)
+    with pytest.raises(InputError, match=r"for arch='resnet50', cifar_stem=False\)"):
+        hub_load('backbone', weights=str(alone))
+    net = hub_load('backbone', weights=str(alone), arch='resnet18', cifar_stem=True)
+    assert_loaded(net, load(pre.backbone))
 
 
 def test_barlowtwins_entry_loads_the_full_model(pre, tmp_path, no_network):

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -274,10 +275,14 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
     assert proc.stderr.strip().count('\n') == 0 and 'does not exist' in proc.stderr
 
 
-def test_no_gpu_warns_and_uses_cpu():
-    with pytest.warns(UserWarning, match='no CUDA GPU found'):
+def test_no_gpu_says_so_in_one_plain_line_and_uses_cpu(capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # a Python warning would show its source line too
         assert distributed.choose_device_type('auto') == 'cpu'
+    err = capsys.readouterr().err
+    assert err.startswith('note: no CUDA GPU found') and err.count('\n') == 1
     assert distributed.choose_device_type('cpu') == 'cpu'
+    assert capsys.readouterr().err == ''  # asked for explicitly: nothing to say
 
 
 def _two_process_worker(rank, port, argv):
