@@ -103,6 +103,12 @@ def get_arguments():
                                               '(default 0.0,0.2, as the reference)')
     parser.add_argument('--warmup-epochs', default=10, type=non_negative_int, metavar='N',
                         help='linear learning-rate warmup length')
+    parser.add_argument('--lars-eta', default=0.001, type=positive_float, metavar='ETA',
+                        help='LARS trust coefficient: each weight tensor\'s step is scaled by '
+                             'ETA * ||w|| / ||update|| (0.001, as the reference)')
+    parser.add_argument('--lars-clip-lr', action='store_true',
+                        help='cap each tensor\'s effective rate lr * trust ratio at lr, as '
+                             'solo-learn\'s clip_lr (off in the reference)')
     parser.add_argument('--precision', default=None, choices=('fp16', 'bf16', 'fp32'),
                         help='autocast precision (default fp16 on GPU as the reference, fp32 on '
                              'CPU); the loss reduction is always in fp32')
@@ -655,7 +661,9 @@ def build_model_and_optimizer(args, info):
         groups = [{'params': [p for p in model.parameters() if p.ndim != 1]},
                   {'params': [p for p in model.parameters() if p.ndim == 1]}]
     optimizer = LARS(groups, lr=0, weight_decay=args.weight_decay, weight_decay_filter=True,
-                     lars_adaptation_filter=True, foreach=getattr(args, 'lars_foreach', False))
+                     lars_adaptation_filter=True, foreach=getattr(args, 'lars_foreach', False),
+                     eta=getattr(args, 'lars_eta', 0.001),
+                     clip_lr=getattr(args, 'lars_clip_lr', False))
     if getattr(args, 'channels_last', False):
         model = model.to(memory_format=torch.channels_last)
     if getattr(args, 'compile', False):
@@ -952,6 +960,9 @@ class BarlowTwins(nn.Module):
 class LARS(optim.Optimizer):
     """LARS as in the reference: momentum buffer `mu`, trust ratio eta * ||p|| / ||g||.
 
+    clip_lr=True (off in the reference; solo-learn's `clip_lr`) caps each tensor's effective
+    rate lr * ratio at lr: the ratio becomes min(ratio / lr, 1), as solo-learn computes it.
+
     The filters say which parameters skip weight decay / the trust ratio: True skips 1-D
     tensors (biases, BatchNorm), a callable skips those it returns True for (the earlier
     release passed exclude_bias_and_norm), False/None skips none.
@@ -960,10 +971,11 @@ class LARS(optim.Optimizer):
     """
 
     def __init__(self, params, lr, weight_decay=0, momentum=0.9, eta=0.001,
-                 weight_decay_filter=False, lars_adaptation_filter=False, foreach=False):
+                 weight_decay_filter=False, lars_adaptation_filter=False, foreach=False,
+                 clip_lr=False):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                         eta=eta, weight_decay_filter=weight_decay_filter,
-                        lars_adaptation_filter=lars_adaptation_filter)
+                        lars_adaptation_filter=lars_adaptation_filter, clip_lr=clip_lr)
         super().__init__(params, defaults)
         self.foreach = foreach
 
@@ -1000,7 +1012,7 @@ class LARS(optim.Optimizer):
                     q = torch.where(param_norm > 0.,
                                     torch.where(update_norm > 0,
                                                 (g['eta'] * param_norm / update_norm), one), one)
-                    dp = dp.mul(q)
+                    dp = dp.mul(self._clipped(q, g))
                 param_state = self.state[p]
                 if 'mu' not in param_state:
                     param_state['mu'] = torch.zeros_like(p)
@@ -1024,7 +1036,7 @@ class LARS(optim.Optimizer):
                    if not self._skips(g['lars_adaptation_filter'], p)]
         if adapted:
             adapted_updates = [updates[i] for i in adapted]
-            scaled = self._trust_ratios([params[i] for i in adapted], adapted_updates, g['eta'])
+            scaled = self._trust_ratios([params[i] for i in adapted], adapted_updates, g)
             torch._foreach_mul_(scaled, adapted_updates)  # ratio * update, in the ratios' memory
             for i, u in zip(adapted, scaled):
                 updates[i] = u
@@ -1036,7 +1048,13 @@ class LARS(optim.Optimizer):
         torch._foreach_add_(mus, updates)
         torch._foreach_add_(params, mus, alpha=-g['lr'])
 
-    def _trust_ratios(self, params, updates, eta):
+    @staticmethod
+    def _clipped(q, g):
+        # (a state dict of an earlier version has no clip_lr: not clipped, as then)
+        # lr 0 (the first warmup step) gives inf, clamped to 1: the step is 0 anyway
+        return (q / g['lr']).clamp(max=1.0) if g.get('clip_lr') else q
+
+    def _trust_ratios(self, params, updates, g):
         """Each update's trust ratio, in a new tensor of the update's own shape and strides.
 
         CUDA's multi-tensor kernels take a list pair only when corresponding tensors have equal
@@ -1053,8 +1071,9 @@ class LARS(optim.Optimizer):
         """
         param_norm = torch.stack(torch._foreach_norm(params))  # (n,)
         update_norm = torch.stack(torch._foreach_norm(updates))
-        q = torch.where((param_norm > 0) & (update_norm > 0), eta * param_norm / update_norm,
-                        torch.ones_like(param_norm)).to(updates[0].dtype)
+        q = torch.where((param_norm > 0) & (update_norm > 0), g['eta'] * param_norm / update_norm,
+                        torch.ones_like(param_norm))
+        q = self._clipped(q, g).to(updates[0].dtype)
         sizes = [u.numel() for u in updates]
         # (total,): tensor i's index repeated numel_i times; output_size given, so no read-back
         index = torch.repeat_interleave(self._segment_lengths(sizes, q.device),

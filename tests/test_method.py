@@ -68,8 +68,9 @@ def never(p):
 
 
 def ref_lars_step(params, grads, state, lr, weight_decay, skip_wd, skip_lars, momentum=0.9,
-                  eta=0.001):
-    """One LARS step on plain tensors; returns the new parameters, updates `state` (mu)."""
+                  eta=0.001, clip_lr=False, ratios=None):
+    """One LARS step on plain tensors; returns the new parameters, updates `state` (mu).
+    clip_lr: solo-learn's lars_lr = min(lars_lr / lr, 1); `ratios` collects the unclipped ones."""
     new = []
     for i, (p, g) in enumerate(zip(params, grads)):
         if not skip_wd(p):
@@ -77,6 +78,10 @@ def ref_lars_step(params, grads, state, lr, weight_decay, skip_wd, skip_lars, mo
         if not skip_lars(p):
             p_norm, g_norm = p.norm().item(), g.norm().item()
             ratio = eta * p_norm / g_norm if p_norm > 0 and g_norm > 0 else 1.0
+            if ratios is not None:
+                ratios.append(ratio / lr)
+            if clip_lr:
+                ratio = min(ratio / lr, 1.0)
             g = g * ratio
         state[i] = momentum * state[i] + g if i in state else g.clone()
         new.append(p - lr * state[i])
@@ -226,7 +231,8 @@ def small_net():
                          nn.Linear(12, 4)).double()
 
 
-def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05), foreach=False):
+def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05), foreach=False,
+             eta=0.001, clip_lr=False, ratios=None):
     """`steps` LARS steps on small_net with two groups (weights, 1-D) at different lr, and the
     same steps by ref_lars_step fed the same gradients; returns the LARS optimizer."""
     net = small_net()
@@ -234,7 +240,8 @@ def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05), fo
     biases = [p for p in net.parameters() if p.dim() == 1]
     opt = main.LARS([{'params': weights, 'lr': lrs[0]}, {'params': biases, 'lr': lrs[1]}], lr=0,
                     weight_decay=weight_decay, weight_decay_filter=filters[0],
-                    lars_adaptation_filter=filters[1], foreach=foreach)
+                    lars_adaptation_filter=filters[1], foreach=foreach, eta=eta,
+                    clip_lr=clip_lr)
     ref = [[p.detach().clone() for p in weights], [p.detach().clone() for p in biases]]
     ref_state = [{}, {}]
     gen = torch.Generator().manual_seed(3)
@@ -247,7 +254,7 @@ def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05), fo
         opt.step()
         for k in range(2):
             ref[k] = ref_lars_step(ref[k], grads[k], ref_state[k], lrs[k], weight_decay,
-                                   *ref_skips)
+                                   *ref_skips, eta=eta, clip_lr=clip_lr, ratios=ratios)
             for got, want in zip((weights, biases)[k], ref[k]):
                 torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14,
                                            msg=lambda m: f'step {step}, group {k}: {m}')
@@ -273,6 +280,20 @@ def test_lars_matches_reference_over_several_steps(filters, ref_skips, foreach):
             assert list(opt.state[p]) == ['mu']
             torch.testing.assert_close(opt.state[p]['mu'], ref_state[k][i], rtol=1e-12, atol=1e-14)
     assert all(set(s) == {'mu'} for s in opt.state_dict()['state'].values())
+
+
+@pytest.mark.parametrize('foreach', [False, True], ids=['loop', 'foreach'])
+def test_lars_eta_and_clip_lr_match_solo_learns_formula(foreach):
+    # solo-learn's CIFAR recipe: eta 0.02 with clip_lr. All tensors are adapted, so that the
+    # group at lr 0.05 has ratios on both sides of 1: some tensors clipped, some not.
+    ratios = []
+    run_lars((True, False), (is_1d, never), foreach=foreach, eta=0.02, clip_lr=True,
+             ratios=ratios)
+    assert min(ratios) < 1 < max(ratios)
+    args = main.parse_arguments(['data', '--lars-eta', '0.02', '--lars-clip-lr'])
+    assert (args.lars_eta, args.lars_clip_lr) == (0.02, True)
+    defaults = main.parse_arguments(['data'])
+    assert (defaults.lars_eta, defaults.lars_clip_lr) == (0.001, False)  # the reference's
 
 
 def test_lars_1d_params_get_neither_weight_decay_nor_trust_ratio():
