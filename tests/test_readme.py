@@ -19,11 +19,12 @@ import evaluate
 import main
 import pack
 import plot
+import prepare_data
 from conftest import ROOT, make_image_folder
 
 README = ROOT / 'README.md'
 SCRIPTS = {'main.py': main, 'evaluate.py': evaluate, 'pack.py': pack, 'plot.py': plot,
-           'bench.py': bench}
+           'bench.py': bench, 'prepare_data.py': prepare_data}
 
 # (pattern found in the command, what is done, why). The first matching rule applies.
 RULES = [
@@ -31,6 +32,9 @@ RULES = [
     (r'-m pytest', 'skip', 'the test suite itself'),
     (r'torchvision\.datasets\.CIFAR10', 'skip', 'network: downloads CIFAR-10'),
     (r'bench\.py', 'parse', 'minutes: times ResNet-50 training steps and torch.compile'),
+    (r'^python prepare_data\.py cifar', 'parse', 'network: downloads CIFAR'),
+    (r'^python prepare_data\.py fashion-mnist', 'parse',
+     'a minute: writes 70,000 images (tests/test_prepare_data.py reads the same files)'),
     (r'^(torchrun|srun) ', 'parse', 'a cluster launcher'),
     (r'^python pack\.py ', 'run', 'on a tiny ImageFolder for /path/to/imagenet'),
     (r'/path/to/imagenet|^python main\.py cifar10 ', 'parse', 'ImageNet-sized or CIFAR-sized'),
