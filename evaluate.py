@@ -43,7 +43,8 @@ from cli import (ArgumentParser, InputError, default_workers, non_negative_float
                  non_negative_int, positive_float, positive_int, positive_ints)
 from data import (EpochSampler, align_classes, ignore_stop_signals, image_folder,
                   make_eval_loader, seed_everything)
-from knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
+from knn import KNN_KS, KNN_TEMPERATURE, extract_features, knn_evaluate
+from linear_fit import fit_linear, top_k_accuracy
 from monitor import StatsLog
 from preemption import StopRequests, Stopped, stop_signals_end_it
 
@@ -54,10 +55,13 @@ SUBSET_LINE = re.compile(r'[^\s/_]+_[^\s/]+')  # n01440764_10026.JPEG: <class>_<
 CLASS_FILE_LINE = re.compile(r'[^/]+/[^/]+\.\w+')  # warm_disc/warm_disc_0001.JPEG: any class
 
 
-def default_checkpoint_dir(weights, train_percent, knn=False):
+def default_checkpoint_dir(weights, train_percent, knn=False, fast_linear=False):
     """Distinct per mode, so that auto-resume never picks up another kind of run's state."""
     if knn:
         return Path('./checkpoint/knn/')
+    if fast_linear:
+        return Path('./checkpoint/fast_linear' + ('' if train_percent == 100 else
+                                                   f'_{train_percent}pct') + '/')
     name = {'freeze': 'lincls', 'finetune': 'finetune' if train_percent == 100 else 'semisup'}
     suffix = '' if train_percent == 100 else f'_{train_percent}pct'
     return Path(f'./checkpoint/{name[weights]}{suffix}/')
@@ -133,6 +137,14 @@ def get_arguments():
     parser.add_argument('--knn-temperature', default=KNN_TEMPERATURE, type=positive_float,
                         metavar='T',
                         help='kNN vote weight exp(cosine similarity / T) (default 0.07)')
+    parser.add_argument('--fast-linear', action='store_true',
+                        help='the fast linear probe: features of the frozen backbone computed '
+                             'once (validation transform, no augmentation), standardised, and a '
+                             'linear classifier fitted on them by full-batch L-BFGS with '
+                             '--weight-decay as its L2 weight; minutes instead of --epochs of '
+                             'the reference protocol, which stays the default')
+    parser.add_argument('--lbfgs-steps', default=500, type=positive_int, metavar='N',
+                        help='most L-BFGS iterations of --fast-linear')
     parser.add_argument('--seed', default=0, type=int,
                         help='seed for the head initialisation, data order and augmentations')
     parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
@@ -155,8 +167,12 @@ def parse_arguments(argv=None):
         parser.error(f'--crop-size {args.crop_size} is too small (at least 8)')
     if args.workers is None:
         args.workers = default_workers(parser.prog)
+    if args.fast_linear and (args.knn or args.weights == 'finetune'):
+        parser.error('--fast-linear fits a classifier on frozen features: it goes with neither '
+                     '--knn nor --weights finetune')
     if args.checkpoint_dir is None:
-        args.checkpoint_dir = default_checkpoint_dir(args.weights, args.train_percent, args.knn)
+        args.checkpoint_dir = default_checkpoint_dir(args.weights, args.train_percent, args.knn,
+                                                     args.fast_linear)
     return args
 
 
@@ -186,6 +202,9 @@ def main_worker(info, args):
         if args.knn:
             with stop_signals_end_it(info.is_main, 'the kNN evaluation'):
                 knn_main(info, args)
+        elif args.fast_linear:
+            with stop_signals_end_it(info.is_main, 'the fast linear probe'):
+                fast_linear_main(info, args)
         else:
             linear_eval(info, args)
     except InputError as e:
@@ -444,12 +463,12 @@ def train_images(args, train_set):
 
 def print_provenance(args, info, train_set, val_set):
     device = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else 'cpu'
-    mode = 'kNN' if args.knn else args.weights
+    mode = 'kNN' if args.knn else 'fast linear probe' if args.fast_linear else args.weights
     print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, {device}; world '
           f'size {info.world_size}; {mode} {args.arch}, {train_images(args, train_set)}, '
           f'{len(val_set)} val images, batch {args.batch_size} '
           f'({args.batch_size // info.world_size} per process)', flush=True)
-    if args.knn:
+    if args.knn or args.fast_linear:
         return
     if args.weights == 'freeze' and args.lr_backbone:
         print(f'note: --lr-backbone {args.lr_backbone} is ignored with --weights freeze',
@@ -649,6 +668,49 @@ def knn_main(info, args):
                          train_percent=args.train_percent, time=int(time.time() - start_time)), 0)
     stats_log.close()
     return top1
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast linear probe: one pass of the backbone, then L-BFGS on the features (linear_fit.py)
+# ---------------------------------------------------------------------------------------------
+
+def fast_linear_main(info, args):
+    """Features of DIR/train (or its subset) and DIR/val, each rank its shard, then the
+    classifier fitted on all of them; logs top-1/top-5 and writes linear.pth (rank 0)."""
+    stats_log = open_stats_log(args, info)
+    backbone, _ = build_backbone(args.arch, args.cifar_stem)
+    backbone.load_state_dict(load_backbone_state(args.pretrained, args.arch, args.cifar_stem))
+    backbone.to(info.device)
+    train_set, val_set = build_datasets(args, val_transform(args.crop_size))
+    if min(len(train_set), len(val_set)) < info.world_size:
+        raise InputError(f'{len(train_set)} training and {len(val_set)} validation images are '
+                         f'too few for {info.world_size} processes')
+    if info.is_main:
+        print_provenance(args, info, train_set, val_set)
+    per_rank = max(1, args.batch_size // info.world_size)
+    start_time = time.time()
+    train_x, train_y = extract_features(backbone, make_eval_loader(
+        train_set, per_rank, args.workers, info), info.device, normalize=False)
+    val_x, val_y = extract_features(backbone, make_eval_loader(
+        val_set, per_rank, args.workers, info), info.device, normalize=False)
+    features_time = time.time() - start_time
+    classifier = fit_linear(train_x, train_y, len(train_set.classes), args.weight_decay,
+                            args.lbfgs_steps)
+    # the same classifier on every rank: all of them stop here alike
+    if not all(bool(torch.isfinite(t).all()) for t in classifier.state_dict().values()):
+        raise InputError(f'the fast linear probe of {args.pretrained} is not finite (non-finite '
+                         f'features or a diverged fit); nothing saved')
+    acc = top_k_accuracy(classifier, val_x, val_y)
+    stats_log.write(dict(fast_linear=dict(acc1=acc[1], acc5=acc[5]),
+                         weight_decay=args.weight_decay, train_size=len(train_set),
+                         val_size=len(val_set), train_percent=args.train_percent,
+                         features_time=int(features_time), time=int(time.time() - start_time)),
+                    0)
+    stats_log.close()
+    if info.is_main:
+        save_atomic(dict(classifier.state_dict()), args.checkpoint_dir / 'linear.pth')
+    return acc
 
 
 if __name__ == '__main__':

@@ -63,14 +63,17 @@ def vote(similarity, labels, num_classes, t=KNN_TEMPERATURE):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, device, dtype=torch.float32):
-    """L2-normalised features (in `dtype`, cast batch by batch) and labels of this rank's
-    shard, in eval mode. The rows are written into one buffer: the shard is held once."""
+def extract_features(backbone, loader, device, dtype=torch.float32, normalize=True):
+    """L2-normalised (unless normalize=False) features, in `dtype`, cast batch by batch, and
+    labels of this rank's shard, in eval mode. The rows are written into one buffer: the shard
+    is held once."""
     backbone.eval()
     rows = len(loader.sampler)
     features, labels, filled = None, torch.empty(rows, dtype=torch.long, device=device), 0
     for images, target in loader:
-        batch = F.normalize(backbone(images.to(device, non_blocking=True)).float(), dim=1)
+        batch = backbone(images.to(device, non_blocking=True)).float()
+        if normalize:
+            batch = F.normalize(batch, dim=1)
         if features is None:
             features = torch.empty(rows, batch.shape[1], dtype=dtype, device=device)
         features[filled:filled + len(batch)] = batch

@@ -9,6 +9,7 @@ import sys
 import types
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,6 +375,42 @@ def test_knn_weighted_vote_known_answers():
     assert expected.tolist() == [0, 1, 1, 0, 1]
     assert torch.equal(knn.knn_predict(queries * 7, bank * 3, labels, 2, k=3,
                                             chunk_size=2), expected)
+
+
+def test_fast_linear_probe_logs_what_its_saved_classifier_scores(pre, tmp_path):
+    ckdir = tmp_path / 'fast_linear'
+    evaluate.main(eval_args(pre, ckdir, '--fast-linear', '--weight-decay', '0.01',
+                            pretrained=pre.checkpoint))
+    lines = (ckdir / 'stats.txt').read_text().splitlines()
+    assert lines[0].startswith('evaluate.py ') and len(lines) == 2
+    stats = json.loads(lines[1])
+    assert (stats['train_size'], stats['val_size'], stats['weight_decay']) == (12, 4, 0.01)
+    # The arithmetic again, by hand: the backbone's features of the 4 validation images (the
+    # validation transform: resize 37, centre crop 32), standardised with the saved statistics,
+    # times the saved weights; the logged top-1 is the share of right answers.
+    state = load(ckdir / 'linear.pth')
+    assert set(state) == {'mean', 'std', 'linear.weight', 'linear.bias'}
+    assert state['linear.weight'].shape == (2, 512) and torch.isfinite(state['linear.weight']).all()
+    net, _ = backbones.build_backbone('resnet18', cifar_stem=True)
+    net.load_state_dict(load(pre.backbone))
+    net.eval()
+    val = torchvision.datasets.ImageFolder(pre.data / 'val', evaluate.val_transform(32))
+    with torch.no_grad():
+        x = torch.stack([img for img, _ in val])
+        logits = ((net(x) - state['mean']) / state['std']) @ state['linear.weight'].T \
+            + state['linear.bias']
+    right = (logits.argmax(dim=1) == torch.tensor(val.targets)).sum().item()
+    assert stats['fast_linear'] == {'acc1': 100.0 * right / 4, 'acc5': 100.0}
+
+
+def test_fast_linear_probe_refuses_other_modes(pre, tmp_path, capsys):
+    for extra in (['--knn'], ['--weights', 'finetune']):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(eval_args(pre, tmp_path / 'x', '--fast-linear', *extra))
+        assert exit_info.value.code == 2
+        assert '--fast-linear fits a classifier on frozen features' in capsys.readouterr().err
+    assert evaluate.default_checkpoint_dir('freeze', 1, fast_linear=True) == \
+        Path('./checkpoint/fast_linear_1pct/')
 
 
 def toy_knn_sets():
