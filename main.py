@@ -29,14 +29,14 @@ from torch import nn, optim
 import distributed
 import knn
 from augmentations import (IMAGENET_MEAN, IMAGENET_STD, CropTransform, FastTwoViews,
-                           open_for_crop, step_generator)
+                           open_for_crop, step_generator, val_transform)
 from backbones import ARCHS, build_backbone
 from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint_file,
                          match_state_dict, remove_temporaries, save_atomic)
 from cli import (ArgumentParser, InputError, default_workers, duration, non_negative_float,
                  non_negative_int, positive_float, positive_int, probability_pair, unit_fraction)
 from data import (EpochSampler, SeededSamples, ignore_stop_signals, image_folder,
-                  make_demo_dataset, seed_everything)
+                  make_demo_dataset, make_eval_loader, seed_everything)
 from monitor import OnlineProbe, Progress, StatsLog
 from preemption import RunLock, StopRequests, Stopped
 
@@ -313,6 +313,8 @@ def train(info, args):
                     break
                 except Diverged as e:
                     start_epoch, start_step = roll_back(run, e)
+            if args.demo:
+                report_demo_gain(run)
         finally:
             run.stop.close()
             run.log.close()
@@ -321,6 +323,32 @@ def train(info, args):
             lock.release()
     if info.is_main:
         print_summary(args)
+
+
+def report_demo_gain(run):
+    """--demo: the weighted kNN top-1 (k = 20) on the demo's held-out images, of the trained
+    backbone and of the same network before training, one line each: what the run learned."""
+    args, info = run.args, run.info
+    transform = val_transform(args.crop_size)
+    bank, queries = (image_folder(args.data, transform, split) for split in ('train', 'val'))
+    per_device = max(1, args.batch_size // info.world_size)
+    loaders = [make_eval_loader(d, per_device, args.workers, info) for d in (bank, queries)]
+    seed_everything(args.seed)  # build_run's first draw: the run's initial backbone
+    untrained, _ = build_backbone(args.arch, args.cifar_stem)
+    results = []
+    for net in (run.model.module.backbone, untrained.to(info.device)):
+        top1 = knn.knn_evaluate(net, *loaders, info.device, len(bank.classes), ks=(20,))
+        results.append(top1[20])
+    run.model.train()  # knn_evaluate put the backbone in eval mode
+    if info.is_main:
+        what = f'weighted kNN top-1 (k = 20, bank: the {len(bank)} training images) on the ' \
+               f'{len(queries)} held-out demo images'
+        print(f'demo: {what}: {results[0]:.1f}% after training', flush=True)
+        print(f'demo: {what}: {results[1]:.1f}% for the same network before training (chance '
+              f'{100 / len(bank.classes):.0f}%)', flush=True)
+    run.log.write(dict(demo_knn_top1_trained=results[0], demo_knn_top1_untrained=results[1]),
+                  args.epochs * run.steps_per_epoch)
+    return results
 
 
 def finished_epochs(args):

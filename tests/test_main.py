@@ -422,3 +422,32 @@ def test_fast_augment_trains_and_resumes_mid_epoch_exactly(tiny_imagefolder, tmp
     main.main(tiny_args(tiny_imagefolder, tmp_path / 'pil', epochs=2))
     pil = load_state(tmp_path / 'pil' / 'resnet18.pth')
     assert not torch.equal(pil['conv1.weight'], load_state(straight / 'resnet18.pth')['conv1.weight'])
+
+
+def test_demo_ends_with_the_knn_gain_over_the_untrained_network(tiny_imagefolder, tmp_path,
+                                                                capsys):
+    ckdir = tmp_path / 'demo'
+    main.main(tiny_args(tiny_imagefolder, ckdir, '--demo', epochs=1))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith('demo: ')]
+    assert len(lines) == 2
+    assert 'on the 4 held-out demo images' in lines[0] and lines[0].endswith('after training')
+    assert 'for the same network before training (chance 50%)' in lines[1]
+    _, stats = read_stats(ckdir)
+    gain = [s for s in stats if 'demo_knn_top1_trained' in s]
+    assert len(gain) == 1
+    for key in ('demo_knn_top1_trained', 'demo_knn_top1_untrained'):
+        assert gain[0][key] in (0.0, 25.0, 50.0, 75.0, 100.0)  # 4 held-out images
+        assert f'{gain[0][key]:.1f}%' in out
+
+
+def test_the_demos_untrained_network_is_the_runs_initial_backbone():
+    # report_demo_gain rebuilds the run's starting point from the seed: the backbone is the first
+    # thing build_run draws after seed_everything(args.seed).
+    args = main.parse_arguments(['data', '--arch', 'resnet18', '--cifar-stem', '--seed', '3',
+                                 '--projector', '32-32'])
+    main.seed_everything(args.seed)
+    initial = main.BarlowTwins(args).backbone.state_dict()
+    main.seed_everything(args.seed)
+    rebuilt, _ = main.build_backbone('resnet18', cifar_stem=True)
+    assert all(torch.equal(initial[k], v) for k, v in rebuilt.state_dict().items())
