@@ -648,11 +648,7 @@ def build_loaders(args, info, train_set, val_set):
 
 def knn_main(info, args):
     stats_log = open_stats_log(args, info)
-    pretrained = load_backbone_state(args.pretrained, args.arch, args.cifar_stem)
-    backbone, _ = build_backbone(args.arch, args.cifar_stem)
-    backbone.load_state_dict(pretrained)
-    backbone.to(info.device)
-    bank_set, val_set = build_datasets(args, val_transform(args.crop_size))
+    backbone, bank_set, val_set = frozen_backbone_and_sets(info, args)
     if len(bank_set) < info.world_size:
         raise InputError(f'{len(bank_set)} training images are too few for {info.world_size} '
                          f'processes')
@@ -670,6 +666,14 @@ def knn_main(info, args):
     return top1
 
 
+def frozen_backbone_and_sets(info, args):
+    """The pretrained backbone on this rank's device, DIR/train (or its subset) and DIR/val,
+    both under the validation transform: what --knn and --fast-linear work on."""
+    backbone, _ = build_backbone(args.arch, args.cifar_stem)
+    backbone.load_state_dict(load_backbone_state(args.pretrained, args.arch, args.cifar_stem))
+    train_set, val_set = build_datasets(args, val_transform(args.crop_size))
+    return backbone.to(info.device), train_set, val_set
+
 
 # ---------------------------------------------------------------------------------------------
 # The fast linear probe: one pass of the backbone, then L-BFGS on the features (linear_fit.py)
@@ -679,10 +683,7 @@ def fast_linear_main(info, args):
     """Features of DIR/train (or its subset) and DIR/val, each rank its shard, then the
     classifier fitted on all of them; logs top-1/top-5 and writes linear.pth (rank 0)."""
     stats_log = open_stats_log(args, info)
-    backbone, _ = build_backbone(args.arch, args.cifar_stem)
-    backbone.load_state_dict(load_backbone_state(args.pretrained, args.arch, args.cifar_stem))
-    backbone.to(info.device)
-    train_set, val_set = build_datasets(args, val_transform(args.crop_size))
+    backbone, train_set, val_set = frozen_backbone_and_sets(info, args)
     if min(len(train_set), len(val_set)) < info.world_size:
         raise InputError(f'{len(train_set)} training and {len(val_set)} validation images are '
                          f'too few for {info.world_size} processes')
