@@ -37,7 +37,7 @@ import main as pretrain
 import pack
 from backbones import ARCHS
 from cli import ArgumentParser, InputError, non_negative_int, positive_int
-from data import image_folder, load_rgb
+from data import image_folder
 
 SETTINGS = {
     'reference': dict(precision=None, channels_last=False, compile=False, lars_foreach=False,
@@ -220,43 +220,6 @@ def cpu_seconds_per_image(datasets, passes=1):
                 dataset[index]
                 totals[k] += time.process_time() - start
     return [t / (count * passes) for t in totals]
-
-
-def time_pipelines(paths, n=200, crop_size=224, batch_size=64):
-    """Images per CPU second in one process with one thread (a DataLoader worker's setting):
-
-    reference        data.load_rgb + main.Transform (the PIL pipeline, both views)
-    fast_worker      open_for_crop + CropTransform (all the fast path leaves to the workers)
-    fast_device_cpu  FastTwoViews on the CPU, batches of `batch_size` (the device half, when
-                     the device is the CPU; on a GPU it is no worker's cost)
-
-    The two worker pipelines alternate image by image, so a change in the machine's load
-    touches both alike; CPU time (time.process_time) leaves out time spent waiting.
-    """
-    paths = [paths[k % len(paths)] for k in range(n)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    try:
-        reference, fast = pretrain.Transform(crop_size), augmentations.CropTransform(crop_size)
-        reference_s = fast_s = 0.0
-        crops = []
-        for path in paths:
-            start = time.process_time()
-            reference(load_rgb(path))
-            middle = time.process_time()
-            crops.append(fast(augmentations.open_for_crop(path)))
-            reference_s += middle - start
-            fast_s += time.process_time() - middle
-        augment = augmentations.FastTwoViews()
-        start = time.process_time()
-        for k in range(0, n, batch_size):
-            batch = crops[k:k + batch_size]
-            augment(torch.stack([c[0] for c in batch]), torch.stack([c[1] for c in batch]))
-        device_s = time.process_time() - start
-    finally:
-        torch.set_num_threads(threads)
-    return dict(reference=n / reference_s, fast_worker=n / fast_s, fast_device_cpu=n / device_s)
 
 
 def bench_data(images, crop_size):

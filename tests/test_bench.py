@@ -5,7 +5,6 @@ import pytest
 
 import bench
 import knn
-from test_augmentations import smooth_image
 
 
 def table_rows(text, title):
@@ -56,16 +55,6 @@ def test_rates_keep_three_significant_digits(value, shown):
 def test_ratio_is_that_of_the_printed_values():
     assert bench.ratio(1.3449, 1.0) == f'{1.34 / 1.0:.2f}x'  # not 1.3449
     assert bench.ratio(2.0, 0.0) == '-'
-
-
-def test_time_pipelines_reports_both_paths(tmp_path):
-    paths = []
-    for k in range(2):
-        paths.append(tmp_path / f'{k}.JPEG')
-        smooth_image(80, 60, seed=k).save(paths[-1])
-    rates = bench.time_pipelines(paths, n=4, crop_size=32, batch_size=2)
-    assert set(rates) == {'reference', 'fast_worker', 'fast_device_cpu'}
-    assert all(r > 0 for r in rates.values())
 
 
 def test_knn_memory_table_before_and_after_sharding(capsys):
