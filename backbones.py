@@ -18,11 +18,15 @@ ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_res
 SETTING_KEYS = ('arch', 'cifar_stem', 'crop_size')  # what evaluate.py must repeat of main.py's
 
 
-def build_backbone(arch='resnet50', cifar_stem=False):
-    """A torchvision ResNet without its classifier, and its feature width."""
+def build_backbone(arch='resnet50', cifar_stem=False, zero_init_residual=True):
+    """A torchvision ResNet without its classifier, and its feature width.
+
+    zero_init_residual=True (the reference's start) zeroes the last BatchNorm weight of every
+    residual branch, so the untrained network is nearly its stem plus shortcuts; False is
+    torchvision's default initialisation."""
     if arch not in ARCHS:
         raise InputError(f'--arch {arch}: expected one of {", ".join(ARCHS)}')
-    net = getattr(torchvision.models, arch)(zero_init_residual=True)
+    net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
     if cifar_stem:
         # Small images: keep the full resolution into the first stage (as CIFAR ResNets do).
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
