@@ -326,8 +326,11 @@ def train(info, args):
 
 
 def report_demo_gain(run):
-    """--demo: the weighted kNN top-1 (k = 20) on the demo's held-out images, of the trained
-    backbone and of the same network before training, one line each: what the run learned."""
+    """--demo: the weighted kNN top-1 (k = 20) on the demo's held-out images of the trained
+    backbone, of the same network before training (main.py's zero-residual start: nearly a stem
+    plus shortcuts, an easy baseline) and of the network in torchvision's default random
+    initialisation (a hard one: random features of a ResNet already cluster images), one line
+    each: what the run learned."""
     args, info = run.args, run.info
     transform = val_transform(args.crop_size)
     bank, queries = (image_folder(args.data, transform, split) for split in ('train', 'val'))
@@ -335,18 +338,23 @@ def report_demo_gain(run):
     loaders = [make_eval_loader(d, per_device, args.workers, info) for d in (bank, queries)]
     seed_everything(args.seed)  # build_run's first draw: the run's initial backbone
     untrained, _ = build_backbone(args.arch, args.cifar_stem)
+    seed_everything(args.seed)
+    default_init, _ = build_backbone(args.arch, args.cifar_stem, zero_init_residual=False)
     results = []
-    for net in (run.model.module.backbone, untrained.to(info.device)):
+    for net in (run.model.module.backbone, untrained.to(info.device),
+                default_init.to(info.device)):
         top1 = knn.knn_evaluate(net, *loaders, info.device, len(bank.classes), ks=(20,))
         results.append(top1[20])
     run.model.train()  # knn_evaluate put the backbone in eval mode
     if info.is_main:
-        what = f'weighted kNN top-1 (k = 20, bank: the {len(bank)} training images) on the ' \
-               f'{len(queries)} held-out demo images'
-        print(f'demo: {what}: {results[0]:.1f}% after training', flush=True)
-        print(f'demo: {what}: {results[1]:.1f}% for the same network before training (chance '
-              f'{100 / len(bank.classes):.0f}%)', flush=True)
-    run.log.write(dict(demo_knn_top1_trained=results[0], demo_knn_top1_untrained=results[1]),
+        print(f'demo: weighted kNN top-1 (k = 20, bank: the {len(bank)} training images) on the '
+              f'{len(queries)} held-out demo images (chance {100 / len(bank.classes):.0f}%):',
+              flush=True)
+        for value, what in zip(results, ('after training', 'the same network before training',
+                                         'torchvision\'s default random initialisation')):
+            print(f'demo:   {value:5.1f}%  {what}', flush=True)
+    run.log.write(dict(demo_knn_top1_trained=results[0], demo_knn_top1_untrained=results[1],
+                       demo_knn_top1_default_init=results[2]),
                   args.epochs * run.steps_per_epoch)
     return results
 
