@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import bench
+import bench_learning
 import evaluate
 import main
 import pack
@@ -24,20 +25,24 @@ from conftest import ROOT, make_image_folder
 
 README = ROOT / 'README.md'
 SCRIPTS = {'main.py': main, 'evaluate.py': evaluate, 'pack.py': pack, 'plot.py': plot,
-           'bench.py': bench, 'prepare_data.py': prepare_data}
+           'bench.py': bench, 'prepare_data.py': prepare_data,
+           'bench_learning.py': bench_learning}
 
 # (pattern found in the command, what is done, why). The first matching rule applies.
 RULES = [
     (r'pip install', 'skip', 'network: installs the requirements (the suite runs in that venv)'),
     (r'-m pytest', 'skip', 'the test suite itself'),
     (r'torchvision\.datasets\.CIFAR10', 'skip', 'network: downloads CIFAR-10'),
+    (r'bench_learning\.py', 'parse', 'an hour: pretrains on Fashion-MNIST (tests/test_learning.py '
+                                    'runs its evaluation on a tiny ImageFolder)'),
     (r'bench\.py', 'parse', 'minutes: times ResNet-50 training steps and torch.compile'),
     (r'^python prepare_data\.py cifar', 'parse', 'network: downloads CIFAR'),
     (r'^python prepare_data\.py fashion-mnist', 'parse',
      'a minute: writes 70,000 images (tests/test_prepare_data.py reads the same files)'),
     (r'^(torchrun|srun) ', 'parse', 'a cluster launcher'),
     (r'^python pack\.py ', 'run', 'on a tiny ImageFolder for /path/to/imagenet'),
-    (r'/path/to/imagenet|^python main\.py cifar10 ', 'parse', 'ImageNet-sized or CIFAR-sized'),
+    (r'/path/to/imagenet|^python main\.py (cifar10|fashion-mnist) ', 'parse',
+     'ImageNet-, CIFAR- or Fashion-MNIST-sized'),
     (r'demo_data|checkpoint/demo', 'run', 'on tiny stand-ins for the demo\'s files'),
 ]
 PYTHON_RULES = [
