@@ -648,13 +648,8 @@ def build_loaders(args, info, train_set, val_set):
 
 def knn_main(info, args):
     stats_log = open_stats_log(args, info)
-    backbone, bank_set, val_set = frozen_backbone_and_sets(info, args)
-    if len(bank_set) < info.world_size:
-        raise InputError(f'{len(bank_set)} training images are too few for {info.world_size} '
-                         f'processes')
-    if info.is_main:
-        print_provenance(args, info, bank_set, val_set)
-    per_rank = max(1, args.batch_size // info.world_size)
+    # the bank is sharded: every process needs a training image; queries may be fewer
+    backbone, bank_set, val_set, per_rank = frozen_backbone_and_sets(info, args, ('training',))
     start_time = time.time()
     top1 = knn_evaluate(backbone, make_eval_loader(bank_set, per_rank, args.workers, info),
                         make_eval_loader(val_set, per_rank, args.workers, info), info.device,
@@ -666,13 +661,21 @@ def knn_main(info, args):
     return top1
 
 
-def frozen_backbone_and_sets(info, args):
-    """The pretrained backbone on this rank's device, DIR/train (or its subset) and DIR/val,
-    both under the validation transform: what --knn and --fast-linear work on."""
+def frozen_backbone_and_sets(info, args, sharded):
+    """(the pretrained backbone on this rank's device, DIR/train (or its subset), DIR/val, the
+    batch per rank), both sets under the validation transform: what --knn and --fast-linear
+    work on. `sharded` names the sets ('training', 'validation') of which every process needs
+    at least one image; the provenance is printed once they are checked."""
     backbone, _ = build_backbone(args.arch, args.cifar_stem)
     backbone.load_state_dict(load_backbone_state(args.pretrained, args.arch, args.cifar_stem))
     train_set, val_set = build_datasets(args, val_transform(args.crop_size))
-    return backbone.to(info.device), train_set, val_set
+    sizes = {'training': len(train_set), 'validation': len(val_set)}
+    if min(sizes[name] for name in sharded) < info.world_size:
+        counts = ' and '.join(f'{sizes[name]} {name}' for name in sharded)
+        raise InputError(f'{counts} images are too few for {info.world_size} processes')
+    if info.is_main:
+        print_provenance(args, info, train_set, val_set)
+    return backbone.to(info.device), train_set, val_set, max(1, args.batch_size // info.world_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,13 +686,8 @@ def fast_linear_main(info, args):
     """Features of DIR/train (or its subset) and DIR/val, each rank its shard, then the
     classifier fitted on all of them; logs top-1/top-5 and writes linear.pth (rank 0)."""
     stats_log = open_stats_log(args, info)
-    backbone, train_set, val_set = frozen_backbone_and_sets(info, args)
-    if min(len(train_set), len(val_set)) < info.world_size:
-        raise InputError(f'{len(train_set)} training and {len(val_set)} validation images are '
-                         f'too few for {info.world_size} processes')
-    if info.is_main:
-        print_provenance(args, info, train_set, val_set)
-    per_rank = max(1, args.batch_size // info.world_size)
+    backbone, train_set, val_set, per_rank = frozen_backbone_and_sets(
+        info, args, ('training', 'validation'))
     start_time = time.time()
     train_x, train_y = extract_features(backbone, make_eval_loader(
         train_set, per_rank, args.workers, info), info.device, normalize=False)
