@@ -16,6 +16,7 @@ Printed as a table with ratios to the first setting; peak memory is the device's
 """
 import argparse
 import math
+import os
 import platform
 import resource
 import shutil
@@ -187,9 +188,21 @@ def announce(args, setting):
           f'{compiling}, then {args.steps} timed', file=sys.stderr, flush=True)
 
 
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe(device):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
-        f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+        f'CPU ({cpu_model()}, {len(os.sched_getaffinity(0))} usable, ' \
+        f'{torch.get_num_threads()} threads)'
     return (f'{name}; torch {torch.__version__}, torchvision {torchvision.__version__}, '
             f'python {platform.python_version()}')
 

@@ -16,17 +16,16 @@ Each row has the weighted kNN top-1 (k = 20 and 200, the bank being the training
 evaluate.py --knn) and the fast linear probe's top-1 (as evaluate.py --fast-linear). Features
 are computed once per backbone under the validation transform, no augmentation.
 """
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torchvision
 
+import bench
+import plot
 import prepare_data
 from augmentations import val_transform
 from backbones import build_backbone, load_backbone_state, recorded_settings
@@ -107,10 +106,9 @@ def pretrain(args, data):
 def read_stats(path):
     """The JSON records of the stats.txt beside a backbone file ([] when there is none)."""
     try:
-        lines = path.read_text().splitlines()
-    except OSError:
+        return plot.read_stats(path)
+    except plot.StatsError:
         return []
-    return [json.loads(line) for line in lines if line.startswith('{')]
 
 
 def load_split(data, split, crop_size):
@@ -146,19 +144,6 @@ def random_backbone(arch, cifar_stem, zero_init_residual, seed):
     return net
 
 
-def describe_machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f'torch {torch.__version__}, torchvision {torchvision.__version__}, {cpu}, '
-            f'{len(os.sched_getaffinity(0))} CPUs usable, {torch.get_num_threads()} threads')
-
-
 def load_average():
     return '/'.join(f'{x:.1f}' for x in os.getloadavg())
 
@@ -166,7 +151,7 @@ def load_average():
 def main(argv=None):
     args = get_arguments().parse_args(argv)
     print(f'# bench_learning.py {" ".join(sys.argv[1:] if argv is None else argv)}')
-    print(f'# {describe_machine()}; load average {load_average()} at the start', flush=True)
+    print(f'# {bench.describe(torch.device("cpu"))}; load average {load_average()} at the start', flush=True)
     try:
         data = args.data if args.data is not None else prepare(args)
         weights = args.pretrained if args.pretrained is not None else pretrain(args, data)
