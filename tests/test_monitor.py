@@ -40,10 +40,11 @@ def stats_of(ckdir):
 def test_online_probe_learns_above_chance(probe_runs):
     accs = [s['online_acc1'] for s in stats_of(probe_runs / 'with')]
     assert len(accs) == 4  # 80 images / 16 = 5 steps per epoch, logged every 5 steps
-    # 10 classes (chance 10%): each epoch's running accuracy (80 images) improves on the last,
-    # and the final one is at least twice chance (3 standard deviations above it)
-    assert accs[1] < accs[2] < accs[3], accs
-    assert accs[-1] >= 20.0, accs
+    # 10 classes (chance 10%). One epoch's running accuracy counts 80 predictions, a binomial
+    # standard deviation of 3.4 points at chance: the last two epochs together (160 predictions,
+    # 2.4 points) must reach twice chance, 4 deviations above it, and beat the first epoch.
+    assert sum(accs[2:]) / 2 >= 20.0, accs
+    assert min(accs[2:]) > accs[0], accs
     assert all('online_acc1' not in s for s in stats_of(probe_runs / 'without'))
 
 
