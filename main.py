@@ -45,8 +45,7 @@ from preemption import RunLock, StopRequests, Stopped
 # would put a spike in every epoch of so short a run. The ImageNet stem at 32 px is 6.5 times
 # cheaper than --cifar-stem, which buys 20 epochs in the time 4 took; LARS eta 0.005 (the CPU
 # recipe's) moves weights enough in 120 steps; crops of at least 80% of the image keep the shape
-# in both views, and no blur keeps its edges: in 20 epochs the trained kNN top-1 on the held-out
-# images went from 33% (min-scale 0.3) to 38% (0.6) and 41% (0.8), the start being 16%.
+# in both views, and no blur keeps its edges (the trials: BENCHMARKS.md, "The demo's settings").
 DEMO_DEFAULTS = dict(arch='resnet18', crop_size=32, projector='512-512-512', batch_size=64,
                      epochs=20, warmup_epochs=1, min_scale=0.8, blur_prob=(0.0, 0.0),
                      lars_eta=0.005, workers=2, print_freq=5, drop_last=True,
