@@ -132,6 +132,18 @@ def unit_fraction(text):
     return value
 
 
+def crop_scale(text):
+    """An area fraction in (0, 1]: 1 keeps the whole image (a crop of area 1 with a random aspect
+    ratio rarely fits, and torchvision then takes the central crop of the whole image)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f'expected a number in (0, 1], got {text!r}')
+    return value
+
+
 def probability_pair(text):
     """'P1,P2': one probability per view, each in [0, 1] (e.g. --blur-prob 1.0,0.1)."""
     try:

@@ -33,8 +33,8 @@ from augmentations import (IMAGENET_MEAN, IMAGENET_STD, CropTransform, FastTwoVi
 from backbones import ARCHS, build_backbone
 from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint_file,
                          match_state_dict, remove_temporaries, save_atomic)
-from cli import (ArgumentParser, InputError, default_workers, duration, non_negative_float,
-                 non_negative_int, positive_float, positive_int, probability_pair, unit_fraction)
+from cli import (ArgumentParser, InputError, crop_scale, default_workers, duration,
+                 non_negative_float, non_negative_int, positive_float, positive_int, probability_pair, unit_fraction)
 from data import (EpochSampler, SeededSamples, ignore_stop_signals, image_folder,
                   make_demo_dataset, make_eval_loader, seed_everything)
 from monitor import OnlineProbe, Progress, StatsLog
@@ -96,7 +96,7 @@ def get_arguments():
                         help='3x3 stride-1 first convolution and no max-pool, for small images')
     parser.add_argument('--crop-size', default=224, type=positive_int, metavar='PX',
                         help='side of the random resized crops')
-    parser.add_argument('--min-scale', default=0.08, type=unit_fraction, metavar='S',
+    parser.add_argument('--min-scale', default=0.08, type=crop_scale, metavar='S',
                         help='smallest area fraction of a random resized crop (default 0.08, '
                              'as the reference; crops cover S to 1 of the image)')
     parser.add_argument('--blur-prob', default=(1.0, 0.1), type=probability_pair,

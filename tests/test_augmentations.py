@@ -427,6 +427,20 @@ def test_min_scale_bounds_the_crop_area_on_both_pipelines():
     assert abs(a.mean() - b.mean()) <= 4 * math.sqrt(a.var() / len(a) + b.var() / len(b))
 
 
+def test_min_scale_1_crops_the_whole_image_on_both_pipelines():
+    # scale (1, 1): no crop of area 1 with an aspect ratio other than the image's fits, so
+    # torchvision falls back to the central crop of the image's own ratio, the whole image
+    args = main.parse_arguments(['data', '--min-scale', '1'])
+    assert args.min_scale == 1.0
+    img = Image.new('RGB', (40, 40))
+    crop = reference_ops(main.Transform(32, min_scale=args.min_scale))['crop'][0]
+    fast = A.CropTransform(32, scale=(args.min_scale, 1.0))
+    torch.manual_seed(0)
+    boxes = {T.RandomResizedCrop.get_params(img, crop.scale, crop.ratio) for _ in range(200)}
+    boxes |= {p[:4] for _ in range(200) for p in fast.sample_params(img)}
+    assert boxes == {(0, 0, 40, 40)}
+
+
 def test_recipe_flags_reach_both_pipelines():
     args = main.parse_arguments(['data', '--blur-prob', '0,0', '--solarize-prob', '0,0.2',
                                  '--min-scale', '0.2'])
@@ -437,7 +451,7 @@ def test_recipe_flags_reach_both_pipelines():
     assert [op.p for op in ops['blur']] == [0.0, 0.0]
     assert [op.scale for op in ops['crop']] == [(0.2, 1.0)] * 2
     for bad in (['--blur-prob', '1.5,0'], ['--solarize-prob', 'nan,0'], ['--blur-prob', '0.5'],
-                ['--min-scale', '0'], ['--min-scale', '1']):
+                ['--min-scale', '0'], ['--min-scale', '1.5'], ['--min-scale', 'nan']):
         with pytest.raises(SystemExit) as exit_info:
             main.parse_arguments(['data'] + bad)
         assert exit_info.value.code == 2
