@@ -448,9 +448,13 @@ def train_epochs(run, start_epoch, start_step):
         save_atomic(backbone, args.checkpoint_dir / f'{args.arch}.pth')
 
 
+# --precision: the dtype autocast computes in (fp32: no autocast). fp16 adds the GradScaler.
+AUTOCAST_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
 def train_one_epoch(run, epoch, first_step=0):
     args, info = run.args, run.info
-    autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(run.precision)
+    autocast_dtype = AUTOCAST_DTYPES.get(run.precision)
     grad_factor = gradient_factor(args, info.world_size)
     start_epoch_of_loader(run, epoch, first_step)
     steps = run.steps_per_epoch
@@ -763,7 +767,7 @@ def check_epoch_steps(args, info, images, sampler, per_process):
 def knn_monitor(run, epoch):
     bank_loader, query_loader = run.knn_loaders
     classes = run.loader.dataset.dataset.classes  # the bank is the training set (or part of it)
-    autocast_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(run.precision)
+    autocast_dtype = AUTOCAST_DTYPES.get(run.precision)
     with torch.autocast(run.info.device.type, dtype=autocast_dtype,
                         enabled=autocast_dtype is not None):
         top1 = knn.knn_evaluate(run.model.module.backbone, bank_loader, query_loader,

@@ -84,15 +84,15 @@ def test_sigterm_saves_and_run_resumes_mid_epoch(tiny_imagefolder, tmp_path):
 
 
 def test_sigkill_at_random_moments_never_loses_the_run(tiny_imagefolder, tmp_path):
-    """Ten SIGKILLs (some during a checkpoint write), resumed each time: same final weights."""
+    """Six SIGKILLs (three during a checkpoint write), resumed each time: same final weights."""
     straight, killed = tmp_path / 'straight', tmp_path / 'killed'
     epochs = 6  # 18 steps; a checkpoint after every step
     main.main(tiny_args(tiny_imagefolder, straight, epochs=epochs))
     rng = random.Random(1)
     kills, kills_during_write = 0, 0
-    while kills < 10:
+    while kills < 6:
         proc = start(tiny_imagefolder, killed, '--checkpoint-every', '0s', epochs=epochs)
-        if kills % 3 == 2:  # kill while a checkpoint is being written
+        if kills % 2 == 1:  # kill while a checkpoint is being written
             writing = lambda: any(p.name.startswith('.checkpoint.pth.tmp') for p in killed.iterdir())
             alive = wait_for(lambda: killed.exists() and writing(), proc)
             kills_during_write += alive
@@ -106,7 +106,7 @@ def test_sigkill_at_random_moments_never_loses_the_run(tiny_imagefolder, tmp_pat
         kills += 1
         if (killed / 'checkpoint.pth').exists():
             ckpt = load_state(killed / 'checkpoint.pth')  # never corrupt
-            assert ckpt['epoch'] < epochs, 'the run finished before ten kills'
+            assert ckpt['epoch'] < epochs, 'the run finished before six kills'
     assert kills_during_write >= 3
     main.main(tiny_args(tiny_imagefolder, killed, epochs=epochs))
     assert_same_tensors(load_state(straight / 'resnet18.pth'), load_state(killed / 'resnet18.pth'))
@@ -382,6 +382,10 @@ def test_fp16_scaler_stops_after_too_many_skipped_steps_in_a_row(tiny_imagefolde
     ckdir = tmp_path / 'ck'
     small_initial_scale(monkeypatch)
     monkeypatch.setattr(main, 'SKIPPED_STEPS_LIMIT', 2)
+    # the GradScaler of --precision fp16 on fp32 arithmetic: what is checked here is how skipped
+    # steps are counted, stopped on and rolled back, and fp16 autocast on this CPU costs 13x an
+    # fp32 step (3.3 s against 0.25 s for ResNet-18 on 8 images); the test above runs it for real
+    monkeypatch.setattr(main, 'AUTOCAST_DTYPES', {})
     argv = tiny_args(tiny_imagefolder, ckdir, '--precision', 'fp16', epochs=1)
     with monkeypatch.context() as m:
         poison_loss(m, from_call=1)  # every step from step 1 on
