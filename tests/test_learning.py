@@ -31,8 +31,7 @@ def test_pretraining_on_fashion_mnist_lowers_the_loss_clearly(tmp_path):
     prepare_data.main(['fashion-mnist', str(data), '--from', str(DEBIAN_FASHION_MNIST),
                        '--train-per-class', '32', '--val-per-class', '2'])
     batch, dim, epochs = 64, 256, 12
-    # 16-px crops of the 32-px images: a third cheaper than 32 px, and the loss falls as clearly
-    main.main([str(data), '--arch', 'resnet18', '--crop-size', '16', '--projector',
+    main.main([str(data), '--arch', 'resnet18', '--crop-size', '32', '--projector',
                f'{dim}-{dim}-{dim}', '--batch-size', str(batch), '--epochs', str(epochs),
                '--warmup-epochs', '1', '--drop-last', '--blur-prob', '0,0', '--workers', '1',
                '--device', 'cpu', '--print-freq', '1', '--no-online-probe',
@@ -46,7 +45,7 @@ def test_pretraining_on_fashion_mnist_lowers_the_loss_clearly(tmp_path):
     independent = independent_views_loss(dim, batch)
     print(f'loss: first step {start:.1f}, last epoch {min(last_epoch):.1f}-{max(last_epoch):.1f}'
           f', independent views {independent:.1f}')
-    # measured (torch 2.14.1): 237 at the first step, at most 175 (mean 158) in the last epoch,
+    # measured (torch 2.14.1): 223 at the first step, 138-189 (mean 170) in the last epoch,
     # independent views 265. The mean of the last epoch a fifth below the start, and every one
     # of its steps below the start and a quarter below the independent line: no lucky batch
     assert sum(last_epoch) / len(last_epoch) < 0.8 * start
