@@ -31,7 +31,10 @@ def test_pretraining_on_fashion_mnist_lowers_the_loss_clearly(tmp_path):
     prepare_data.main(['fashion-mnist', str(data), '--from', str(DEBIAN_FASHION_MNIST),
                        '--train-per-class', '32', '--val-per-class', '2'])
     batch, dim, epochs = 64, 256, 12
-    main.main([str(data), '--arch', 'resnet18', '--crop-size', '32', '--projector',
+    # 16-px crops of the 32-px images: in the full suite this test took 91-93 s at 16 px and
+    # 95-112 s at 32 px (a step's cost is mostly layers 3-4's weight gradients), and the loss
+    # falls further in the same steps
+    main.main([str(data), '--arch', 'resnet18', '--crop-size', '16', '--projector',
                f'{dim}-{dim}-{dim}', '--batch-size', str(batch), '--epochs', str(epochs),
                '--warmup-epochs', '1', '--drop-last', '--blur-prob', '0,0', '--workers', '1',
                '--device', 'cpu', '--print-freq', '1', '--no-online-probe',
@@ -45,7 +48,7 @@ def test_pretraining_on_fashion_mnist_lowers_the_loss_clearly(tmp_path):
     independent = independent_views_loss(dim, batch)
     print(f'loss: first step {start:.1f}, last epoch {min(last_epoch):.1f}-{max(last_epoch):.1f}'
           f', independent views {independent:.1f}')
-    # measured (torch 2.14.1): 223 at the first step, 138-189 (mean 170) in the last epoch,
+    # measured (torch 2.14.1): 237 at the first step, at most 175 (mean 158) in the last epoch,
     # independent views 265. The mean of the last epoch a fifth below the start, and every one
     # of its steps below the start and a quarter below the independent line: no lucky batch
     assert sum(last_epoch) / len(last_epoch) < 0.8 * start
