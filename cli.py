@@ -133,15 +133,10 @@ def unit_fraction(text):
 
 
 def crop_scale(text):
-    """An area fraction in (0, 1]: 1 keeps the whole image (a crop of area 1 with a random aspect
-    ratio rarely fits, and torchvision then takes the central crop of the whole image)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f'expected a number in (0, 1], got {text!r}')
-    return value
+    """A crop's area fraction in (0, 1]. At 1 no random crop of area 1 fits unless its aspect
+    ratio is the image's, and torchvision falls back to the central crop of the image at its own
+    aspect ratio clamped to 3/4-4/3: the whole image when the image's ratio is in that range."""
+    return finite_float(text, low=0, high=1, low_open=True)
 
 
 def probability_pair(text):

@@ -34,7 +34,8 @@ from backbones import ARCHS, build_backbone
 from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint_file,
                          match_state_dict, remove_temporaries, save_atomic)
 from cli import (ArgumentParser, InputError, crop_scale, default_workers, duration,
-                 non_negative_float, non_negative_int, positive_float, positive_int, probability_pair, unit_fraction)
+                 non_negative_float, non_negative_int, positive_float, positive_int,
+                 probability_pair, unit_fraction)
 from data import (EpochSampler, SeededSamples, ignore_stop_signals, image_folder,
                   make_demo_dataset, make_eval_loader, seed_everything)
 from monitor import OnlineProbe, Progress, StatsLog

@@ -429,7 +429,8 @@ def test_min_scale_bounds_the_crop_area_on_both_pipelines():
 
 def test_min_scale_1_crops_the_whole_image_on_both_pipelines():
     # scale (1, 1): no crop of area 1 with an aspect ratio other than the image's fits, so
-    # torchvision falls back to the central crop of the image's own ratio, the whole image
+    # torchvision falls back to the central crop at the image's own ratio (clamped to 3/4-4/3):
+    # for this square image, the whole image
     args = main.parse_arguments(['data', '--min-scale', '1'])
     assert args.min_scale == 1.0
     img = Image.new('RGB', (40, 40))

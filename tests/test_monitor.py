@@ -25,8 +25,8 @@ def demo_args(data, ckdir, *extra, epochs=4):
 @pytest.fixture(scope='module')
 def probe_runs(tmp_path_factory):
     """A short pretraining run with the online probe ('with', 4 epochs), and one epoch of the
-    same run with and without it ('with_1', 'without': 5 steps are enough to tell whether the
-    probe touches the backbone, and cost a quarter of the 4 epochs)."""
+    same run with and without it ('with_1', 'without': 5 steps, all in the warmup, tell whether
+    the probe touches the backbone; the two together cost half of the 4-epoch run)."""
     root = tmp_path_factory.mktemp('probe')
     data = make_demo_dataset(root / 'demo', per_class=8, val_per_class=2, size=40)
     main.main(demo_args(data, root / 'with'))
