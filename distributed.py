@@ -269,9 +269,15 @@ def _run_in_this_process(index, fn, fn_args, plan):
                                plan.world_size, plan.device_type, plan.init_method,
                                gpu=plan.device_index + index)
     try:
-        return fn(info, *fn_args)
-    finally:
+        result = fn(info, *fn_args)
+    except SystemExit as e:  # a one-line error (code 1) or a handled stop signal (code 0)
+        cleanup(wait_for_all=e.code in (None, 0))
+        raise
+    except BaseException:
         cleanup()
+        raise
+    cleanup(wait_for_all=True)
+    return result
 
 
 def launch(fn, fn_args=(), device='auto'):
@@ -303,9 +309,17 @@ def launch(fn, fn_args=(), device='auto'):
         sys.exit(e.exit_code or 1)
 
 
-def cleanup():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(wait_for_all=False):
+    """Destroy this process's group. `wait_for_all` (a rank that ended normally): first a
+    barrier, so that no rank closes its connections while another still reads from them; a
+    gloo rank that loses its peer mid-transfer can abort its whole process at teardown
+    ("terminate called without an active exception"). Only where every rank ends normally:
+    after a failure the others may never reach the barrier."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_all and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 class _AllReduceSum(torch.autograd.Function):

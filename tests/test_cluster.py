@@ -233,7 +233,7 @@ def test_lagged_agreement_answers_one_call_late():
         finally:
             stop.close()
     finally:
-        dist.destroy_process_group()
+        distributed.cleanup()
     assert answers == [(0, False), (0, True), (int(signal.SIGUSR1), False)]
 
 
@@ -256,7 +256,7 @@ def test_lagged_agreement_on_a_gpu_queues_without_waiting():
         finally:
             stop.close()
     finally:
-        dist.destroy_process_group()
+        distributed.cleanup()
     assert stop.lagged and answers == [(0, False), (0, True), (int(signal.SIGUSR1), False)]
 
 

@@ -7,16 +7,14 @@ single process (plain BatchNorm, no process group) on the whole global batch.
 """
 import argparse
 import os
-import time
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import distributed
 import main
+import ranks
 
 WORLD = 2
 N = 8  # global batch, N // WORLD per rank
@@ -131,38 +129,13 @@ def rank_entry(rank, port, setup_path, out_dir):
     """A child process, started as torchrun would start it."""
     os.environ.update(MASTER_ADDR='localhost', MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    try:
-        distributed.launch(rank_worker, (setup_path, os.path.join(out_dir, f'rank{rank}.pt')),
-                           device='cpu')
-    except BaseException:
-        with open(os.path.join(out_dir, f'rank{rank}.err'), 'w') as f:
-            f.write(traceback.format_exc())
-        raise
+    distributed.launch(rank_worker, (setup_path, os.path.join(out_dir, f'rank{rank}.pt')),
+                       device='cpu')
 
 
-def run_ranks(setup_path, out_dir, timeout=120):
-    ctx = mp.get_context('spawn')
-    port = distributed.free_port()
-    procs = [ctx.Process(target=rank_entry, args=(r, port, str(setup_path), str(out_dir)))
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    try:
-        # A rank that dies leaves the other waiting in a collective: stop at the first failure.
-        while any(p.exitcode is None for p in procs) and time.monotonic() < deadline:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                break
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.exitcode is None:
-                p.terminate()
-            p.join(5)
-    errors = [(out_dir / f'rank{r}.err') for r in range(WORLD)]
-    details = '\n'.join(e.read_text() for e in errors if e.exists())
-    assert all(p.exitcode == 0 for p in procs), \
-        f'exit codes {[p.exitcode for p in procs]} (timeout {timeout}s)\n{details}'
+def run_ranks(setup_path, out_dir, timeout=600):
+    ranks.spawn(rank_entry, (ranks.free_port(), str(setup_path), str(out_dir)), nprocs=WORLD,
+                timeout=timeout)
     return [torch.load(out_dir / f'rank{r}.pt') for r in range(WORLD)]
 
 

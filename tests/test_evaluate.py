@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -27,6 +25,7 @@ import distributed
 import evaluate
 import knn
 import main
+import ranks
 from conftest import ROOT, SHARED_SUBSETS, make_image_folder
 from cli import InputError
 
@@ -457,22 +456,19 @@ def toy_logits():
 
 
 def _sharded_worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://localhost:{port}', rank=rank,
-                            world_size=2)
-    info = distributed.DistInfo(rank, rank, 2, torch.device('cpu'))
-    acc = evaluate.validate(nn.Identity(), data.make_eval_loader(toy_logits(), 2, 0, info),
-                            info.device)
-    bank_set, query_set = toy_knn_sets()
-    top1 = knn.knn_evaluate(nn.Identity(), data.make_eval_loader(bank_set, 2, 0, info),
-                            data.make_eval_loader(query_set, 2, 0, info), info.device,
-                            ks=(1, 3))
-    bank_set, query_set = random_knn_sets()
-    many_k = knn.knn_evaluate(nn.Identity(), data.make_eval_loader(bank_set, 8, 0, info),
-                              data.make_eval_loader(query_set, 8, 0, info), info.device,
-                              ks=RANDOM_KS, chunk_size=4)
+    with ranks.group(rank, port):
+        info = distributed.DistInfo(rank, rank, 2, torch.device('cpu'))
+        acc = evaluate.validate(nn.Identity(), data.make_eval_loader(toy_logits(), 2, 0, info),
+                                info.device)
+        bank_set, query_set = toy_knn_sets()
+        top1 = knn.knn_evaluate(nn.Identity(), data.make_eval_loader(bank_set, 2, 0, info),
+                                data.make_eval_loader(query_set, 2, 0, info), info.device,
+                                ks=(1, 3))
+        bank_set, query_set = random_knn_sets()
+        many_k = knn.knn_evaluate(nn.Identity(), data.make_eval_loader(bank_set, 8, 0, info),
+                                  data.make_eval_loader(query_set, 8, 0, info), info.device,
+                                  ks=RANDOM_KS, chunk_size=4)
     (out_dir / f'rank{rank}.json').write_text(json.dumps([acc, top1, many_k]))
-    dist.destroy_process_group()
 
 
 RANDOM_KS = (1, 5, 20, 200)  # 200 is more than the bank: capped
@@ -503,8 +499,7 @@ def test_validation_on_all_ranks_counts_every_image_once(tmp_path):
                                                                           batch_size=3), 'cpu')
     assert single == pytest.approx((300 / 7, 600 / 7))
 
-    port = distributed.free_port()
-    mp.spawn(_sharded_worker, (port, tmp_path), nprocs=2)
+    ranks.spawn(_sharded_worker, (ranks.free_port(), tmp_path))
     # the bank sharded over two ranks (each rank's k nearest merged) gives the same answers
     expected = single_process_top1(*random_knn_sets(), RANDOM_KS)
     assert len(set(expected.values())) > 1  # the ks disagree: a wrong merge would show

@@ -4,11 +4,8 @@ import json
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-import distributed
 import linear_fit
+import ranks
 
 
 def separable(n=300, d=12, classes=5, seed=0):
@@ -57,27 +54,24 @@ def test_top_k_accuracy_counts_by_hand():
 
 
 def _sharded_fit(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://localhost:{port}', rank=rank,
-                            world_size=2)
-    x, y = separable(n=101, seed=3)
-    y = (y + (torch.arange(101) % 7 == 0)) % 5  # some noise: a finite optimum with decay
-    model = linear_fit.fit_linear(x[rank::2], y[rank::2], 5, weight_decay=0.01)
-    acc = linear_fit.top_k_accuracy(model, x[rank::2], y[rank::2])
+    with ranks.group(rank, port):
+        x, y = separable(n=101, seed=3)
+        y = (y + (torch.arange(101) % 7 == 0)) % 5  # some noise: a finite optimum with decay
+        model = linear_fit.fit_linear(x[rank::2], y[rank::2], 5, weight_decay=0.01)
+        acc = linear_fit.top_k_accuracy(model, x[rank::2], y[rank::2])
     (out_dir / f'rank{rank}.json').write_text(json.dumps(
         [model.linear.weight.tolist(), model.linear.bias.tolist(), acc]))
-    dist.destroy_process_group()
 
 
 def test_two_processes_fit_what_one_process_fits(tmp_path):
-    mp.spawn(_sharded_fit, args=(distributed.free_port(), tmp_path), nprocs=2)
+    ranks.spawn(_sharded_fit, (ranks.free_port(), tmp_path))
     x, y = separable(n=101, seed=3)
     y = (y + (torch.arange(101) % 7 == 0)) % 5
     single = linear_fit.fit_linear(x, y, 5, weight_decay=0.01)
     expected_acc = linear_fit.top_k_accuracy(single, x, y)
-    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1]  # every rank holds the same classifier
-    weight, bias, acc = ranks[0]
+    fits = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
+    assert fits[0] == fits[1]  # every rank holds the same classifier
+    weight, bias, acc = fits[0]
     # the same optimum, reached through float32 sums taken in another order
     assert torch.allclose(torch.tensor(weight), single.linear.weight, atol=1e-3)
     assert torch.allclose(torch.tensor(bias), single.linear.bias, atol=1e-3)

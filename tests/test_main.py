@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torchvision
 
 import cli
 import distributed
 import main
+import ranks
 from conftest import ROOT
 
 STATS_KEYS = {'epoch', 'step', 'lr_weights', 'lr_biases', 'loss', 'time'}  # the reference's
@@ -293,10 +293,9 @@ def _two_process_worker(rank, port, argv):
 
 
 def test_two_cpu_processes_train(tiny_imagefolder, tmp_path):
-    port = distributed.free_port()
     ckdir = tmp_path / 'ck'
-    mp.spawn(_two_process_worker, (port, tiny_args(tiny_imagefolder, ckdir, '--exact-gradient')),
-             nprocs=2)
+    ranks.spawn(_two_process_worker,
+                (ranks.free_port(), tiny_args(tiny_imagefolder, ckdir, '--exact-gradient')))
     lines, stats = read_stats(ckdir)
     assert lines.count(lines[0]) == 1  # only rank 0 logs
     # 12 images over 2 ranks with 2 per rank: 3 steps per epoch, as with one process
@@ -340,11 +339,11 @@ def test_fast_with_compile_trains_like_without_on_two_processes(tiny_imagefolder
     # compiler. The first step runs before any update, so its loss is the uncompiled model's
     # (same two processes, same views) up to bf16 rounding; no graph break (dynamo's own
     # counters), one graph each for backbone and projector (and the augmentation's device half)
-    mp.spawn(_two_process_worker, (distributed.free_port(), tiny_args(
-        tiny_imagefolder, tmp_path / 'plain', *FAST_WITHOUT_COMPILE, epochs=1)), nprocs=2)
-    mp.spawn(_two_process_worker_counting_graph_breaks,
-             (distributed.free_port(), tiny_args(tiny_imagefolder, tmp_path / 'two', '--fast',
-                                                 epochs=1), tmp_path), nprocs=2)
+    ranks.spawn(_two_process_worker, (ranks.free_port(), tiny_args(
+        tiny_imagefolder, tmp_path / 'plain', *FAST_WITHOUT_COMPILE, epochs=1)))
+    ranks.spawn(_two_process_worker_counting_graph_breaks,
+                (ranks.free_port(), tiny_args(tiny_imagefolder, tmp_path / 'two', '--fast',
+                                              epochs=1), tmp_path))
     assert_compiled_trains_like_plain(tmp_path / 'plain', tmp_path / 'two')
     for rank in range(2):
         counts = json.loads((tmp_path / f'dynamo{rank}.json').read_text())

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import cli
-import distributed
 import main
 import preemption
+import ranks
 from conftest import ROOT
 from test_main import assert_same_tensors, crash_at_step, load_state, read_stats, tiny_args
 
@@ -243,15 +243,14 @@ def test_rollback_flags_refuse_bad_values(tiny_imagefolder, tmp_path, capsys, fl
 
 
 def test_two_processes_roll_back_together(tiny_imagefolder, tmp_path):
-    import torch.multiprocessing as mp
     from test_main import _two_process_worker
-    port = distributed.free_port()
+    port = ranks.free_port()
     ckdir = tmp_path / 'ck'
     # absurd rates diverge within a few steps; one rollback brings them to 0.2 x the schedule
     argv = tiny_args(tiny_imagefolder, ckdir, '--learning-rate-weights', '2e30',
                      '--learning-rate-biases', '2e30', '--warmup-epochs', '0', '--rollbacks', '1',
                      '--rollback-lr-factor', '1e-31')
-    mp.spawn(_two_process_worker, (port, argv), nprocs=2)
+    ranks.spawn(_two_process_worker, (port, argv))
     lines, stats = read_stats(ckdir)
     notes = [line for line in lines if ': rolled back to' in line]
     assert len(notes) == 1 and '(epoch 0, step 0 of the epoch)' in notes[0]  # rank 0 only
@@ -327,25 +326,18 @@ def test_rollback_rewrites_the_checkpoint_with_the_new_rates(tiny_imagefolder, t
 
 
 def _agree_worker(rank, port, out):
-    import torch.distributed as dist
-    dist.init_process_group('gloo', init_method=f'tcp://localhost:{port}', rank=rank,
-                            world_size=2)
-    try:
+    with ranks.group(rank, port):
         stop = preemption.StopRequests(2)
         try:
             results = [stop.agreed(due=rank == 1), stop.agreed(due=False)]
         finally:
             stop.close()
-    finally:
-        dist.destroy_process_group()
     (out / f'rank{rank}').write_text(repr(results))
 
 
 def test_ranks_agree_on_a_checkpoint_that_one_of_them_finds_due(tmp_path):
     # each rank's clock decides on its own; all must then checkpoint (and check) at one step
-    import torch.multiprocessing as mp
-    port = distributed.free_port()
-    mp.spawn(_agree_worker, (port, tmp_path), nprocs=2)
+    ranks.spawn(_agree_worker, (ranks.free_port(), tmp_path))
     for rank in (0, 1):
         assert (tmp_path / f'rank{rank}').read_text() == repr([(0, True), (0, False)])
 
