@@ -18,7 +18,11 @@ sample. Wiring (main.py):
                      generator=step_generator('cpu', seed, step, rank))  # each step
 
 The colour parameters are drawn on the host and every choice of samples is planned there, so
-the device half never makes the host wait for the device (no synchronisation per step).
+the device half never makes the host wait for the device (no synchronisation per step). For
+torch.compile (--compile) the same parameters are packed into one (N, K) tensor
+(`FastTwoViews.sample_packed`) and `augment_packed` applies every op to every sample, keeping
+its result where the sample's mask says: shapes that depend on the batch alone, the same values
+(the blur's taps summed in another order: within 1e-6).
 
 Deviations from the PIL reference (tests/test_augmentations.py measures each): the colour ops
 run on float32 with torchvision's tensor formulas and PIL's 601-2 luma weights, without uint8
@@ -277,6 +281,18 @@ def _box_blur(x, box):
     return y.view(m, c, height, width)
 
 
+def _box_blur_shifted(x, box):
+    """`_box_blur` as weighted sums of shifted copies: elementwise work that a compiler fuses
+    into a few kernels, each sample with its own (M, 5) pass weights (on x's device)."""
+    taps = [box[:, k].to(x.dtype).view(-1, 1, 1, 1) for k in range(box.shape[1])]
+    for pad, dim in (((BOX_RADIUS, BOX_RADIUS, 0, 0), -1), ((0, 0, BOX_RADIUS, BOX_RADIUS), -2)):
+        size = x.shape[dim]
+        for _ in range(BLUR_PASSES):
+            padded = F.pad(x, pad, mode='replicate')  # the edge pixel repeated, as PIL
+            x = sum(w * padded.narrow(dim, k, size) for k, w in enumerate(taps))
+    return x
+
+
 def solarize(x):
     return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
 
@@ -377,6 +393,58 @@ class BatchAugment(nn.Module):
         add(solarize, host['solarize'])
         return plan
 
+    # --- fixed shapes (the compiled step): every op on every sample, selected by masks ---
+
+    # columns of pack(): one row per sample, all float32 (masks 0/1, order 0-3, factors, the
+    # blur's box weights: identity weights for samples without blur)
+    PACKED = ('jitter', 'order0', 'order1', 'order2', 'order3', *JITTER_OPS, 'grayscale',
+              *(f'box{k}' for k in range(2 * BOX_RADIUS + 1)), 'solarize')
+
+    def pack(self, params):
+        """(N, len(PACKED)) float32 on the host: the parameters of `augment_packed`, for one
+        copy to the device. Every value is exact in float32 (factors are drawn in float32)."""
+        host = {name: value.cpu() for name, value in params.items()}
+        identity = torch.zeros(1, 2 * BOX_RADIUS + 1)
+        identity[0, BOX_RADIUS] = 1.0  # convolving with it returns each pixel exactly
+        box = torch.where(host['blur'].view(-1, 1), pil_box_kernel(host['sigma']).float(),
+                          identity)
+        columns = [host['jitter'].float().view(-1, 1), host['order'].float(),
+                   *(host[name].float().view(-1, 1) for name in JITTER_OPS),
+                   host['grayscale'].float().view(-1, 1), box,
+                   host['solarize'].float().view(-1, 1)]
+        return torch.cat(columns, dim=1)
+
+    def augment_packed(self, images, packed):
+        """uint8 (N, 3, H, W) and pack()'s (N, K) on the same device -> normalised float32.
+
+        The same ops, parameters and order as forward(), with shapes that depend on nothing
+        but the batch's: each op is computed for every sample and kept where the sample's mask
+        says so (torch.where), so that torch.compile sees one static graph. Where forward()
+        applies an op to a sample, the values are the same up to float rounding."""
+        column = {name: packed[:, k] for k, name in enumerate(self.PACKED)}
+        jitter = column['jitter'] > 0.5
+        x = images.to(torch.float32) / 255
+        for position in range(4):
+            op = column[f'order{position}']
+            chosen = [jitter & (op == k) for k in range(4)]  # brightness, contrast, sat., hue
+            # brightness, contrast and saturation are all blends of x with another image:
+            # black (brightness: factor * x + 0), the grey mean, the grey image
+            gray = rgb_to_grayscale(x)
+            mean = torch.mean(gray, dim=(-3, -2, -1), keepdim=True)
+            other = torch.where(_per_sample(chosen[1]), mean,
+                                torch.where(_per_sample(chosen[2]), gray, 0.0))
+            factor = torch.where(chosen[0], column['brightness'],
+                                 torch.where(chosen[1], column['contrast'],
+                                             column['saturation']))
+            blended = _blend(x, other, factor)
+            x = torch.where(_per_sample(chosen[0] | chosen[1] | chosen[2]), blended, x)
+            x = torch.where(_per_sample(chosen[3]), adjust_hue(x, column['hue']), x)
+        x = torch.where(_per_sample(column['grayscale'] > 0.5), _grayscale3(x), x)
+        first_box = self.PACKED.index('box0')
+        x = _box_blur_shifted(x, packed[:, first_box:first_box + 2 * BOX_RADIUS + 1])
+        x = torch.where(_per_sample(column['solarize'] > 0.5), solarize(x), x)
+        return (x - self.mean) / self.std
+
     def _augment(self, images, params):
         plan = self._plan(params)
         tensors = [t for _, index, _, factors in plan for t in (index, *factors)]
@@ -403,6 +471,17 @@ class FastTwoViews(nn.Module):
 
     def forward(self, y1, y2, generator=None):
         return self.view1(y1, generator), self.view2(y2, generator)
+
+    def sample_packed(self, n, generator=None):
+        """(2, n, K) float32 on the host: both views' parameters for augment_packed, drawn
+        from `generator` in forward()'s order, so that both paths make the same views."""
+        return torch.stack([view.pack(view.sample_params(n, 'cpu' if generator is None else None,
+                                                         generator))
+                            for view in (self.view1, self.view2)])
+
+    def augment_packed(self, y1, y2, packed):
+        """forward() at fixed shapes, for torch.compile (BatchAugment.augment_packed)."""
+        return self.view1.augment_packed(y1, packed[0]), self.view2.augment_packed(y2, packed[1])
 
 
 def step_generator(device, seed, step, rank=0):

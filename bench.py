@@ -15,7 +15,11 @@ Printed as a table with ratios to the first setting; peak memory is the device's
 (CUDA) or the process's peak resident set (CPU).
 """
 import argparse
+import contextlib
+import itertools
+import json
 import math
+import multiprocessing
 import os
 import platform
 import resource
@@ -36,9 +40,11 @@ import distributed
 import knn
 import main as pretrain
 import pack
+from compiled_step import CompiledStep
 from backbones import ARCHS
-from cli import ArgumentParser, InputError, non_negative_int, positive_int
+from cli import ArgumentParser, InputError, default_workers, non_negative_int, positive_int
 from data import image_folder
+from monitor import Progress
 
 SETTINGS = {
     'reference': dict(precision=None, channels_last=False, compile=False, lars_foreach=False,
@@ -50,6 +56,10 @@ SETTINGS = {
     # --fast's step alone, from float tensors: the difference to 'fast' is the device half
     'fast-noaugment': dict(precision='bf16', channels_last=True, compile=True, lars_foreach=True,
                            fast_augment=False),
+    # --fast inside DistributedDataParallel although one process: what torch.compile's graph
+    # splitting at DDP's gradient buckets (and DDP's own copies) cost, as on several GPUs
+    'fast-ddp': dict(precision='bf16', channels_last=True, compile=True, lars_foreach=True,
+                     fast_augment=True, ddp=True),
 }
 
 
@@ -76,7 +86,36 @@ def get_arguments():
                         help='training-step settings to compare, the first being the base of '
                              'the ratios: reference (the original\'s), fast (--fast), '
                              'fast-nocompile (--fast without --compile), fast-noaugment (--fast '
-                             'from float views, without the augmentation\'s device half)')
+                             'from float views, without the augmentation\'s device half), '
+                             'fast-ddp (--fast inside DistributedDataParallel, as on several '
+                             'GPUs; not with --end-to-end)')
+    parser.add_argument('--breakdown', type=non_negative_int, default=0, metavar='N',
+                        help='also profile N steps per setting (torch.profiler) and print where '
+                             'their time goes: convolutions, BatchNorm and elementwise, matrix '
+                             'products, augmentation, optimizer, copies, idle (default 0: off)')
+    parser.add_argument('--end-to-end', action='store_true',
+                        help='instead of the step alone: main.py\'s loader and training loop over '
+                             'JPEG files (--images, or --generate generated ones), --epochs '
+                             'epochs per setting, the first one untimed (compiling, warming up)')
+    parser.add_argument('--generate', type=positive_int, default=None, metavar='N',
+                        help='--end-to-end without --images: generate N 500x375 JPEGs (default '
+                             '10000 on a GPU, 40 on a CPU); not a multiple of the batch size, '
+                             'so that every epoch ends with a short batch')
+    parser.add_argument('--workers', type=non_negative_int, default=None, metavar='N',
+                        help='--end-to-end: DataLoader worker processes (default: as main.py)')
+    parser.add_argument('--epochs', type=positive_int, default=3, metavar='N',
+                        help='--end-to-end: epochs per setting, the first untimed (default 3)')
+    parser.add_argument('--skip-steps', type=non_negative_int, default=5, metavar='N',
+                        help='--end-to-end: steps at the start of each epoch left out of its '
+                             'steady rate (the loader\'s workers starting; default 5)')
+    parser.add_argument('--work-dir', type=Path, default=None, metavar='DIR',
+                        help='--end-to-end: where the generated images and each setting\'s '
+                             'stats.txt go (default: a temporary directory, removed after)')
+    parser.add_argument('--log', type=Path, default=None, metavar='FILE',
+                        help='append every result to FILE as a JSON line the moment it is '
+                             'measured (a run stopped at a time limit keeps what it measured)')
+    parser.add_argument('--summary', type=Path, nargs='+', default=None, metavar='LOG',
+                        help='only print one table of every result in these --log files')
     parser.add_argument('--data', action='store_true',
                         help='also measure the input pipeline: images per CPU-second of one '
                              'worker process, reference PIL pipeline against the fast path\'s '
@@ -86,8 +125,8 @@ def get_arguments():
                              'ImageNet-sized bank on 8 ranks, before and after sharding the bank '
                              '(arithmetic from the code\'s shapes; runs nothing)')
     parser.add_argument('--images', default=None, metavar='DIR',
-                        help='an ImageFolder DIR for --data (default: 200 generated 500x375 '
-                             'JPEGs)')
+                        help='an ImageFolder DIR for --data and --end-to-end (default: '
+                             'generated 500x375 JPEGs: 200 for --data)')
     return parser
 
 
@@ -97,58 +136,376 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def step_images_per_second(args, setting, device):
-    """Images/s of full training steps (both views, loss, backward, LARS) with one setting."""
-    run_args = argparse.Namespace(
-        arch=args.arch, cifar_stem=False, projector=args.projector, lambd=0.0051,
-        batch_size=args.batch_size, scale_loss=1.0, learning_rate=None, weight_decay=1e-6,
-        **SETTINGS[setting])
-    precision = run_args.precision or ('fp16' if device.type == 'cuda' else 'fp32')
-    info = distributed.DistInfo(rank=0, local_rank=device.index or 0, world_size=1, device=device)
-    torch.manual_seed(0)
-    model, optimizer = pretrain.build_model_and_optimizer(run_args, info)
-    for group in optimizer.param_groups:
-        group['lr'] = 0.1 if group is optimizer.param_groups[0] else 0.0024
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
-    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(precision)
-    memory_format = torch.channels_last if run_args.channels_last else torch.contiguous_format
-    shape = (args.batch_size, 3, args.crop_size, args.crop_size)
-    if run_args.fast_augment:
-        crops = [torch.randint(0, 256, shape, dtype=torch.uint8) for _ in range(2)]
-        if device.type == 'cuda':
-            crops = [c.pin_memory() for c in crops]
-        # what main.py's training loop reads in views_to_device
-        run = types.SimpleNamespace(args=argparse.Namespace(seed=0), info=info,
-                                    augment=augmentations.FastTwoViews().to(device),
-                                    memory_format=memory_format)
-    else:
-        y1 = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
-        y2 = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
-    steps_done = 0
-
-    def step():
-        nonlocal y1, y2, steps_done
-        if run_args.fast_augment:
-            y1, y2 = pretrain.views_to_device(run, *crops, steps_done)
-        steps_done += 1
-        optimizer.zero_grad()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model.forward(y1, y2)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
+def reset_peak_memory(device):
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def dynamo_counts():
+    """(graph breaks, graphs compiled) so far in this process, from dynamo's own counters."""
+    from torch._dynamo.utils import counters
+    return sum(counters['graph_break'].values()), counters['stats']['unique_graphs']
+
+
+def fresh_compiler():
+    """Forget earlier settings' compiled code and counts: each setting compiles on its own."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+
+
+REGIONS = ('augment', 'forward', 'backward', 'optimizer')
+
+
+class RegionTimer:
+    """Device time of each region of a step: CUDA events on the compute stream (what the GPU
+    spent between the region's start and end, its idle moments included), or host time on a
+    CPU. Also a torch.profiler range per region ('bench:<region>') for breakdown()."""
+
+    def __init__(self, device):
+        self.cuda = device.type == 'cuda'
+        self.marks = []  # [(region, start, end)], read after a synchronize
+        self.markers = None  # breakdown(): [region] of every marker kernel launched
+
+    @contextlib.contextmanager
+    def __call__(self, region):
+        if self.markers is not None and self.cuda:
+            # a kernel that does nothing, named spin_kernel in the profile: the GPU timeline's
+            # own mark of where this region's kernels start (kernels launched by the autograd
+            # engine's thread, or by compiled code, carry no trace of the Python range)
+            torch.cuda._sleep(1)
+            self.markers.append(region)
+        with torch.profiler.record_function(f'bench:{region}'):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                start.record()
+                yield
+                end.record()
+            else:
+                start = time.perf_counter()
+                yield
+                end = time.perf_counter()
+        self.marks.append((region, start, end))
+
+    def totals_ms(self):
+        totals = dict.fromkeys(REGIONS, 0.0)
+        for region, start, end in self.marks:
+            totals[region] += start.elapsed_time(end) if self.cuda else 1000 * (end - start)
+        self.marks = []
+        return totals
+
+
+class StepBench:
+    """One setting's model, optimizer and inputs, and main.py's training step on them, from
+    synthetic tensors (no loader): the step alone."""
+
+    def __init__(self, args, setting, device):
+        options = dict(SETTINGS[setting])
+        self.ddp = options.pop('ddp', False)
+        run_args = argparse.Namespace(
+            arch=args.arch, cifar_stem=False, projector=args.projector, lambd=0.0051,
+            batch_size=args.batch_size, scale_loss=1.0, learning_rate=None, weight_decay=1e-6,
+            **options)
+        self.device, self.args = device, args
+        precision = run_args.precision or ('fp16' if device.type == 'cuda' else 'fp32')
+        info = distributed.DistInfo(rank=0, local_rank=device.index or 0, world_size=1,
+                                    device=device)
+        torch.manual_seed(0)
+        model, self.optimizer = pretrain.build_model_and_optimizer(run_args, info)
+        if self.ddp:  # DDP around the compiled step even in one process, as on several GPUs
+            model = torch.nn.parallel.DistributedDataParallel(
+                model.module, device_ids=[device.index] if device.type == 'cuda' else None)
+        for group in self.optimizer.param_groups:
+            group['lr'] = 0.1 if group is self.optimizer.param_groups[0] else 0.0024
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
+        memory_format = torch.channels_last if run_args.channels_last else \
+            torch.preserve_format
+        shape = (args.batch_size, 3, args.crop_size, args.crop_size)
+        augment = augmentations.FastTwoViews().to(device) if run_args.fast_augment else None
+        # what main.py's training step reads: main.forward, main.views_to_device
+        self.run = types.SimpleNamespace(
+            args=argparse.Namespace(seed=0), info=info, model=model, precision=precision,
+            augment=augment, memory_format=memory_format, compiled_step=None)
+        if run_args.compile:
+            self.run.compiled_step = CompiledStep(
+                model, augment, pretrain.AUTOCAST_DTYPES.get(precision), device, shape,
+                memory_format)
+        self.precision, self.timer = precision, RegionTimer(device)
+        labels = torch.zeros(args.batch_size, dtype=torch.long)
+        if run_args.fast_augment:  # uint8 crops in pinned host memory, as the loader gives
+            crops = [torch.randint(0, 256, shape, dtype=torch.uint8) for _ in range(2)]
+            if device.type == 'cuda':
+                crops, labels = [c.pin_memory() for c in crops], labels.pin_memory()
+            self.host = (crops, labels)
+        else:  # the reference's float views, already on the device
+            self.host = None
+            self.views = [torch.randn(shape, device=device).contiguous(
+                memory_format=torch.channels_last if run_args.channels_last else
+                torch.contiguous_format) for _ in range(2)]
+        self.inputs = self._inputs()
+
+    def _inputs(self):
+        """(step, views or the compiled step's inputs) forever, as main.device_batches."""
+        if self.run.compiled_step is not None and self.host is not None:
+            batches = ((step, (self.host[0], self.host[1])) for step in itertools.count())
+            yield from ((step, views) for step, views, _ in
+                        self.run.compiled_step.prefetch(batches))
+        for step in itertools.count():
+            yield step, self.host[0] if self.host is not None else self.views
+
+    def step(self):
+        """main.train_one_epoch's step (without its probe, logging and checks), region by
+        region."""
+        step, views = next(self.inputs)
+        run, timer = self.run, self.timer
+        self.optimizer.zero_grad()
+        compiled = run.compiled_step
+        stance = compiled.stance(views[0]) if compiled else contextlib.nullcontext()
+        with stance:
+            with timer('augment'):
+                if compiled is not None:
+                    views = compiled.augment_views(*views)
+                elif run.augment is not None:
+                    views = pretrain.views_to_device(run, *views, step)
+            with timer('forward'):
+                if compiled is not None:
+                    loss, _ = compiled.forward(*views)
+                else:
+                    loss, _ = pretrain.forward(run, views)
+            with timer('backward'):
+                self.scaler.scale(loss).backward()
+        with timer('optimizer'):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+
+def step_images_per_second(args, setting, device):
+    """Images/s of full training steps (both views, loss, backward, LARS) with one setting,
+    with the device time per region, peak memory and the compiler's graph counts."""
+    fresh_compiler()
+    bench = StepBench(args, setting, device)
+    for _ in range(args.warmup):
+        bench.step()
+    synchronize(device)
+    bench.timer.totals_ms()
+    breaks, graphs = dynamo_counts()
+    reset_peak_memory(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        bench.step()
     synchronize(device)
     elapsed = time.perf_counter() - start
-    return args.steps * args.batch_size / elapsed, peak_memory_gib(device), precision
+    regions = {k: v / args.steps for k, v in bench.timer.totals_ms().items()}
+    breaks_after, graphs_after = dynamo_counts()
+    return dict(rate=args.steps * args.batch_size / elapsed, memory=peak_memory_gib(device),
+                precision=bench.precision, step_ms=1000 * elapsed / args.steps,
+                regions=regions, graph_breaks=breaks_after, graphs=graphs,
+                recompilations=graphs_after - graphs, bench=bench)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the step's time goes: torch.profiler over a few steps
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_GROUPS = ('convolutions', 'BatchNorm and elementwise', 'matrix products', 'augmentation',
+                 'optimizer', 'copies', 'idle')
+
+
+def kernel_group(name, region):
+    """The group of a kernel (GPU) or leaf operator (CPU) launched in `region` of the step."""
+    low = name.lower()
+    if low.startswith(('memcpy', 'memset')) or 'copy_kernel' in low or low in (
+            'aten::copy_', 'aten::_to_copy'):
+        return 'copies'
+    if region in ('augment', 'optimizer'):
+        return 'augmentation' if region == 'augment' else 'optimizer'
+    if any(k in low for k in ('conv', 'cudnn', 'fprop', 'dgrad', 'wgrad', 'winograd',
+                              'nchwtonhwc', 'nhwctonchw')):
+        return 'convolutions'
+    if any(k in low for k in ('gemm', 'nvjet', 'cutlass', 'matmul', 'aten::mm', 'aten::addmm',
+                              'aten::bmm', 'xmma')):
+        return 'matrix products'
+    return 'BatchNorm and elementwise'
+
+
+def _union_us(intervals):
+    busy, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
+
+
+def breakdown(bench, steps):
+    """{group: ms per step} for `steps` profiled steps of a StepBench: device kernels on a GPU
+    (leaf operators' own time on a CPU), each in the region whose 'bench:' range launched it
+    (the augmentation and the optimizer by region, the rest by kernel name), and the idle
+    time between the first and last kernel that no kernel covered."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = bench.device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    bench.timer.markers = []
+    try:
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                bench.step()
+            synchronize(bench.device)
+    finally:
+        markers, bench.timer.markers = bench.timer.markers, None
+        bench.timer.totals_ms()
+    events = list(prof.events())
+    windows = sorted((e.time_range.start, e.time_range.end, e.name[len('bench:'):])
+                     for e in events if e.name.startswith('bench:') and
+                     e.device_type == DeviceType.CPU)
+
+    def region_at(t):
+        for start, end, region in windows:
+            if start <= t <= end:
+                return region
+        return None
+
+    # on a GPU: each kernel belongs to the region whose marker kernel last started before it
+    spins = sorted(e.time_range.start for e in events
+                   if e.device_type != DeviceType.CPU and 'spin_kernel' in e.name)
+    gpu_regions = list(zip(spins, markers)) if len(spins) == len(markers) else []
+
+    def gpu_region_at(t):
+        found = None
+        for start, region in gpu_regions:
+            if start > t:
+                break
+            found = region
+        return found
+
+    def operator(e):  # on a CPU, the operators stand for kernels
+        return e.device_type == DeviceType.CPU and e.name.startswith(('aten::', 'cpp_fused'))
+
+    kernels = []  # (name, region, start, end, busy) in microseconds
+    for e in events:
+        if e.name.startswith('bench:'):
+            continue
+        if cuda and e.device_type == DeviceType.CUDA:
+            if 'spin_kernel' in e.name:
+                continue
+            kernels.append((e.name, gpu_region_at(e.time_range.start), e.time_range.start,
+                            e.time_range.end, e.time_range.elapsed_us()))
+        elif not cuda and operator(e):  # its own time, its children's left to them
+            outermost = e.cpu_parent is None or not operator(e.cpu_parent)
+            kernels.append((e.name, region_at(e.time_range.start), e.time_range.start,
+                            e.time_range.end if outermost else e.time_range.start,
+                            e.self_cpu_time_total))
+    groups = dict.fromkeys(KERNEL_GROUPS, 0.0)
+    by_name = {}
+    for name, region, _, _, busy in kernels:
+        group = kernel_group(name, region)
+        groups[group] += busy / 1000 / steps
+        key = (name[:120], group)
+        by_name[key] = by_name.get(key, 0.0) + busy / 1000 / steps
+    if kernels:
+        span = max(k[3] for k in kernels) - min(k[2] for k in kernels)
+        groups['idle'] = (span - _union_us([k[2:4] for k in kernels])) / 1000 / steps
+    groups['unattributed kernels'] = sum(1 for k in kernels if k[1] is None) / steps
+    # the longest kernels and their groups: what the grouping by name rests on
+    groups['top kernels'] = [[name, group, round(ms, 3)] for (name, group), ms in
+                             sorted(by_name.items(), key=lambda item: -item[1])[:25]]
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: main.py's own loader and training loop on JPEG files
+# ---------------------------------------------------------------------------------------------
+
+# main.py's flags for each setting (fast-ddp has none: no flag puts DDP around one process)
+SETTING_FLAGS = {
+    'reference': [],
+    'fast': ['--fast'],
+    'fast-nocompile': ['--precision', 'bf16', '--channels-last', '--lars-foreach',
+                       '--fast-augment'],
+    'fast-noaugment': ['--precision', 'bf16', '--channels-last', '--compile', '--lars-foreach'],
+}
+
+
+class StepClock(Progress):
+    """main.py's progress display, also marking the end of every step on the device (a CUDA
+    event, or the host clock on a CPU), so that a rate can leave out an epoch's first steps."""
+
+    def __init__(self, *args, device=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cuda = device is not None and device.type == 'cuda'
+        self.marks = []
+
+    def step(self, loss=None):
+        super().step(loss)
+        if self.cuda:
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record()
+        else:
+            mark = time.perf_counter()
+        self.marks.append(mark)
+
+    def seconds_between(self, first, last):
+        a, b = self.marks[first], self.marks[last]
+        return a.elapsed_time(b) / 1000 if self.cuda else b - a
+
+
+def end_to_end(args, setting, device, images, work, report):
+    """main.py's loader (--workers processes over `images`) and training loop, one epoch at a
+    time: the first compiles and warms up, the others are timed. report(dict) gets one line
+    per epoch as soon as it ends."""
+    fresh_compiler()
+    argv = [str(images), '--arch', args.arch, '--projector', args.projector,
+            '--crop-size', str(args.crop_size), '--batch-size', str(args.batch_size),
+            '--workers', str(args.workers), '--epochs', str(args.epochs),
+            '--warmup-epochs', '1', '--print-freq', str(10**9), '--device', device.type,
+            '--checkpoint-dir', str(work / f'e2e-{setting}'), *SETTING_FLAGS[setting]]
+    run_args = pretrain.parse_arguments(argv)
+    info = distributed.DistInfo(rank=0, local_rank=device.index or 0, world_size=1,
+                                device=device)
+    run, _, _ = pretrain.build_run(info, run_args)
+    run.progress = StepClock(len(run.loader), run_args.epochs, run_args.batch_size, False,
+                             device=device)
+    full = run.loader.batch_size
+    skip = min(args.skip_steps, max(0, len(run.loader) - 2))
+    results = []
+    try:
+        for epoch in range(run_args.epochs):
+            if epoch == 1:
+                reset_peak_memory(device)
+                graphs_after_warmup = dynamo_counts()[1]
+            run.progress.marks = []
+            start = time.perf_counter()
+            pretrain.train_one_epoch(run, epoch)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            epoch_images = run.loader.sampler.epoch_samples
+            sizes = [full] * (len(run.loader) - 1) + [epoch_images - full *
+                                                      (len(run.loader) - 1)]
+            full_steps = len(run.loader) - (sizes[-1] != full)  # the short last batch: eager
+            steady = run.progress.seconds_between(skip, full_steps - 1)
+            line = dict(setting=setting, epoch=epoch, warmup=epoch == 0, images=sum(sizes),
+                        seconds=round(seconds, 2),
+                        epoch_images_per_s=round(sum(sizes) / seconds, 1),
+                        steady_images_per_s=round(full * (full_steps - 1 - skip) / steady, 1)
+                        if steady > 0 else None,
+                        peak_memory_gib=round(peak_memory_gib(device), 2))
+            if epoch >= 1:
+                breaks, graphs = dynamo_counts()
+                line.update(graph_breaks=breaks, recompilations=graphs - graphs_after_warmup)
+            report(line)
+            results.append(line)
+    finally:
+        run.log.close()
+        run.stop.close()
+    timed = [r for r in results if not r['warmup']]
+    return dict(rate=sum(r['steady_images_per_s'] for r in timed) / len(timed),
+                epoch_rate=sum(r['images'] for r in timed) / sum(r['seconds'] for r in timed),
+                memory=timed[-1]['peak_memory_gib'], graph_breaks=timed[-1]['graph_breaks'],
+                recompilations=timed[-1]['recompilations'],
+                eager_steps=run.compiled_step.eager_steps if run.compiled_step else 0)
 
 
 def synchronize(device):
@@ -207,11 +564,22 @@ def describe(device):
             f'python {platform.python_version()}')
 
 
-def generate_jpegs(root, count=200, size=(500, 375), seed=0):
+def generate_jpegs(root, count=200, size=(500, 375), seed=0, workers=1):
     """`count` photo-like JPEGs (smooth colour fields plus sensor-like noise, quality 90) in the
-    ImageFolder layout root/train/<class>/, about the size of ImageNet's typical 500x375."""
+    ImageFolder layout root/train/<class>/, about the size of ImageNet's typical 500x375.
+    With several `workers`, chunks of images are written by as many processes (each chunk
+    from its own seed, so the images differ from a one-process run's)."""
+    if workers > 1 and count > workers:
+        chunks = [(root, range(k, count, workers), size, (seed, k)) for k in range(workers)]
+        with multiprocessing.get_context('fork').Pool(workers) as pool:
+            pool.starmap(_write_jpegs, chunks)
+        return root
+    return _write_jpegs(root, range(count), size, seed)
+
+
+def _write_jpegs(root, indices, size, seed):
     rng = np.random.default_rng(seed)
-    for i in range(count):
+    for i in indices:
         folder = root / 'train' / f'class_{i % 4}'
         folder.mkdir(parents=True, exist_ok=True)
         coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
@@ -301,35 +669,164 @@ def knn_memory_table(bank_size=1_281_167, dim=2048, world_size=8, query_count=50
         print(f'| {name} | {before / 2**30:.2f} | {after / 2**30:.2f} | {before / after:.1f}x |')
 
 
+def check_arguments(args):
+    """Everything the run was given, before anything is measured (one line per problem)."""
+    pretrain.parse_projector(args.projector)
+    if args.batch_size is not None and args.batch_size < 2:
+        raise InputError(f'--batch-size {args.batch_size}: BatchNorm needs at least 2 images '
+                         f'per step')
+    if args.crop_size < 8:
+        raise InputError(f'--crop-size {args.crop_size} is too small (at least 8)')
+    if args.end_to_end and 'fast-ddp' in args.settings:
+        raise InputError('--end-to-end runs main.py\'s loop, which has no fast-ddp setting')
+    if args.images is not None:
+        image_folder(args.images)  # a missing folder, or one without images, named now
+    if args.log is not None and not args.log.parent.is_dir():
+        raise InputError(f'--log {args.log}: no folder {args.log.parent}')
+
+
+class Report:
+    """Results as they come: JSON lines in --log (flushed at once) and on stdout."""
+
+    def __init__(self, path, head):
+        self.path, self.head = path, head
+
+    def __call__(self, result):
+        line = json.dumps(dict(self.head, **result))
+        print(f'result: {line}', flush=True)
+        if self.path is not None:
+            with open(self.path, 'a') as f:
+                f.write(line + '\n')
+
+
+def step_tables(args, device, report):
+    rows, parts = [], []
+    for setting in args.settings:
+        announce(args, setting)
+        result = step_images_per_second(args, setting, device)
+        bench = result.pop('bench')
+        report(dict(kind='step', setting=setting, **{k: v for k, v in result.items()}))
+        rows.append((setting, result['rate'], result['memory'], result['precision']))
+        counts = (result['graph_breaks'], result['graphs'], result['recompilations'])
+        groups = None
+        if args.breakdown:
+            try:
+                groups = breakdown(bench, args.breakdown)
+            except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the others
+                print(f'bench.py: {setting}: no breakdown: {type(e).__name__}: {e}',
+                      file=sys.stderr, flush=True)
+            else:
+                report(dict(kind='breakdown', setting=setting, steps=args.breakdown, **groups))
+        parts.append((setting, result, groups, counts))
+        del bench
+    print_table(f'Training step: {args.arch}, projector {args.projector}, batch '
+                f'{args.batch_size} per device, {args.crop_size} px, {args.steps} timed steps '
+                f'after {args.warmup}', rows, 'images/s')
+    print('\nDevice time per step and region (ms), and the compiler\'s counts '
+          '(graphs compiled, graph breaks, recompilations after the warm-up steps)')
+    print('| setting | step | ' + ' | '.join(REGIONS) + ' | graphs | breaks | recompilations |')
+    print('|---' * (len(REGIONS) + 5) + '|')
+    for setting, result, _, (breaks, graphs, recompiled) in parts:
+        print(f'| {setting} | {result["step_ms"]:.1f} | ' + ' | '.join(
+            f'{result["regions"][r]:.1f}' for r in REGIONS) + f' | {graphs} | {breaks} | '
+            f'{recompiled} |')
+    if args.breakdown:
+        print(f'\nKernel time per step (ms) from torch.profiler over {args.breakdown} steps: '
+              f'augmentation and optimizer by the region that launched them, the rest by kernel '
+              f'name; idle: no kernel running')
+        print('| setting | ' + ' | '.join(KERNEL_GROUPS) + ' |')
+        print('|---' * (len(KERNEL_GROUPS) + 1) + '|')
+        for setting, _, groups, _ in parts:
+            print(f'| {setting} | ' + ' | '.join(f'{groups[g]:.1f}' if groups else '-'
+                                                 for g in KERNEL_GROUPS) + ' |')
+        for setting, _, groups, _ in parts:
+            if groups:
+                print(f'\n{setting}: the longest kernels (ms per step, group):')
+                for name, group, ms in groups['top kernels'][:10]:
+                    print(f'  {ms:8.2f}  {group:27}  {name}')
+
+
+def end_to_end_table(args, device, report):
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix='bench-e2e-'))
+    try:
+        images = Path(args.images) if args.images else work / 'images'
+        if not args.images and not (images / 'train').is_dir():
+            count = args.generate or (10000 if device.type == 'cuda' else 40)
+            print(f'bench.py: generating {count} JPEGs in {images}', file=sys.stderr,
+                  flush=True)
+            generate_jpegs(images, count, workers=max(1, min(16, len(os.sched_getaffinity(0)))))
+        rows = []
+        for setting in args.settings:
+            print(f'bench.py: {setting}: end to end, {args.epochs} epochs (the first untimed)',
+                  file=sys.stderr, flush=True)
+            result = end_to_end(args, setting, device, images, work,
+                                lambda line: report(dict(kind='end-to-end-epoch', **line)))
+            report(dict(kind='end-to-end', setting=setting, **result))
+            rows.append((setting, result['rate'], result['memory'],
+                         f'{rounded(result["epoch_rate"])} images/s over whole epochs; '
+                         f'{result["graph_breaks"]} graph breaks, {result["recompilations"]} '
+                         f'recompilations, {result["eager_steps"]} eager steps'))
+        print_table(f'End to end: main.py\'s loader ({args.workers} workers, {images}) and '
+                    f'training loop, {args.arch}, projector {args.projector}, batch '
+                    f'{args.batch_size}, {args.crop_size} px; steady images/s after the first '
+                    f'{args.skip_steps} steps of each timed epoch', rows, 'images/s')
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def summary(paths):
+    """One table of every step and end-to-end result in the --log files."""
+    results = [json.loads(line) for path in paths if path.exists()
+               for line in path.read_text().splitlines() if line.startswith('{')]
+    print('| measure | setting | images/s | ratio to reference | peak memory (GiB) | graph '
+          'breaks | recompilations |')
+    print('|---|---|---|---|---|---|---|')
+    for kind in ('step', 'end-to-end'):
+        rows = [r for r in results if r.get('kind') == kind]
+        base = next((r['rate'] for r in rows if r['setting'] == 'reference'), None)
+        for r in rows:
+            print(f'| {kind} | {r["setting"]} | {rounded(r["rate"])} | '
+                  f'{ratio(r["rate"], base) if base else "-"} | {r["memory"]:.2f} | '
+                  f'{r.get("graph_breaks", "-")} | {r.get("recompilations", "-")} |')
+
+
 def main(argv=None):
     args = get_arguments().parse_args(argv)
+    command = f'bench.py {" ".join(sys.argv[1:] if argv is None else argv)}'
+    if args.summary:
+        summary(args.summary)
+        return
     if args.knn_memory:
-        print(f'# bench.py {" ".join(sys.argv[1:] if argv is None else argv)}')
+        print(f'# {command}')
         knn_memory_table()
         return
-    device = torch.device('cuda', 0) if distributed.choose_device_type(args.device) == 'cuda' \
-        else torch.device('cpu')
-    gpu = device.type == 'cuda'
     try:
-        if gpu:
+        check_arguments(args)
+        device = torch.device('cuda', 0) if distributed.choose_device_type(args.device) == \
+            'cuda' else torch.device('cpu')
+        if device.type == 'cuda':
             distributed.check_gpu_supported(0)  # a one-line error, not a CUDA traceback
     except InputError as e:
         sys.exit(f'bench.py: error: {e}')
+    gpu = device.type == 'cuda'
     args.batch_size = args.batch_size or (256 if gpu else 16)
     args.steps = args.steps or (20 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
-    print(f'# bench.py {" ".join(sys.argv[1:] if argv is None else argv)}')
-    print(f'# {describe(device)}')
+    if args.end_to_end and args.workers is None:
+        args.workers = default_workers('bench.py')
+    print(f'# {command}')
+    print(f'# {describe(device)}', flush=True)
+    report = Report(args.log, dict(device=describe(device), arch=args.arch,
+                                   batch_size=args.batch_size, crop_size=args.crop_size))
     distributed._init_process_group(0, device.index or 0, 1, device.type)
     try:
-        rows = []
-        for setting in args.settings:
-            announce(args, setting)
-            rate, memory, precision = step_images_per_second(args, setting, device)
-            rows.append((setting, rate, memory, precision))
-        print_table(f'Training step: {args.arch}, projector {args.projector}, batch '
-                    f'{args.batch_size} per device, {args.crop_size} px, {args.steps} timed steps '
-                    f'after {args.warmup}', rows, 'images/s')
+        if args.end_to_end:
+            end_to_end_table(args, device, report)
+        else:
+            step_tables(args, device, report)
+    except InputError as e:
+        sys.exit(f'bench.py: error: {e}')
     finally:
         distributed.cleanup()
     if args.data:

@@ -384,6 +384,30 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+class SingleProcess(nn.Module):
+    """What DistributedDataParallel is to one process without its work: the model as
+    `.module` (so state-dict keys keep DDP's `module.` prefix and checkpoints are the same
+    files), no gradient buckets, no buffer broadcast."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def data_parallel(model, info, compiled=False):
+    """The training model as every rank holds it: DistributedDataParallel, as the reference,
+    except a compiled model in a single process, which gets SingleProcess. There DDP would
+    only copy every gradient into its buckets and broadcast the buffers at every step, and
+    torch.compile would split the step's graph at the bucket boundaries for nothing."""
+    if compiled and info.world_size == 1:
+        return SingleProcess(model)
+    device_ids = [info.device.index] if info.device.type == 'cuda' else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
 def convert_global_batchnorm(module, traceable=False):
     """Replace every BatchNorm layer with one whose statistics are global across ranks.
 

@@ -28,6 +28,7 @@ from torch import nn, optim
 
 import distributed
 import knn
+from compiled_step import CompiledStep
 from augmentations import (IMAGENET_MEAN, IMAGENET_STD, CropTransform, FastTwoViews,
                            open_for_crop, step_generator, val_transform)
 from backbones import ARCHS, build_backbone
@@ -279,6 +280,7 @@ class Run:
     knn_loaders: tuple = None
     augment: nn.Module = None  # --fast-augment's device half
     health: 'StepHealth' = None
+    compiled_step: CompiledStep = None  # --compile: the forward as one graph, inputs prefetched
     start_time: float = dataclasses.field(default_factory=time.time)
     last_save: float = dataclasses.field(default_factory=time.time)
 
@@ -429,6 +431,11 @@ def build_run(info, args):
               FastTwoViews(args.blur_prob, args.solarize_prob).to(info.device)
               if args.fast_augment else None,
               StepHealth(info.device, scaler.is_enabled()))
+    if args.compile:
+        run.compiled_step = CompiledStep(
+            model, run.augment, AUTOCAST_DTYPES.get(precision), info.device,
+            (loader.batch_size, 3, args.crop_size, args.crop_size), run.memory_format,
+            args.seed, info.rank)
     if info.is_main:
         print_provenance(run)
     return run, start_epoch, start_step
@@ -455,17 +462,13 @@ AUTOCAST_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 def train_one_epoch(run, epoch, first_step=0):
     args, info = run.args, run.info
-    autocast_dtype = AUTOCAST_DTYPES.get(run.precision)
     grad_factor = gradient_factor(args, info.world_size)
     start_epoch_of_loader(run, epoch, first_step)
     steps = run.steps_per_epoch
-    for step, ((y1, y2), labels) in enumerate(run.loader, start=epoch * steps + first_step):
-        y1, y2 = views_to_device(run, y1, y2, step)
+    for step, views, labels in device_batches(run, epoch * steps + first_step):
         set_learning_rates(args, run.optimizer, step, steps)
         run.optimizer.zero_grad()
-        with torch.autocast(info.device.type, dtype=autocast_dtype,
-                            enabled=autocast_dtype is not None):
-            loss, features = run.model.forward(y1, y2, return_features=True)
+        loss, features = forward(run, views)
         run.scaler.scale(loss if grad_factor == 1 else loss * grad_factor).backward()
         scale = run.health.scale_before_step(run.scaler)
         run.scaler.step(run.optimizer)
@@ -479,6 +482,26 @@ def train_one_epoch(run, epoch, first_step=0):
     stop_if_non_finite(run.health, args)
     run.progress.end_epoch()
     report_skipped_images(run, epoch)
+
+
+def device_batches(run, first_step):
+    """(global step, views on the device, labels) for the loader's batches."""
+    batches = enumerate(run.loader, start=first_step)
+    if run.compiled_step is not None:  # copies on a side stream, a step ahead
+        yield from run.compiled_step.prefetch(batches)
+        return
+    for step, ((y1, y2), labels) in batches:
+        yield step, views_to_device(run, y1, y2, step), labels
+
+
+def forward(run, views):
+    """(loss, representation of view 1) under the run's autocast."""
+    if run.compiled_step is not None:
+        return run.compiled_step(*views)
+    autocast_dtype = AUTOCAST_DTYPES.get(run.precision)
+    with torch.autocast(run.info.device.type, dtype=autocast_dtype,
+                        enabled=autocast_dtype is not None):
+        return run.model.forward(*views, return_features=True)
 
 
 def start_epoch_of_loader(run, epoch, first_step):
@@ -705,18 +728,16 @@ def build_model_and_optimizer(args, info):
     else:
         groups = [{'params': [p for p in model.parameters() if p.ndim != 1]},
                   {'params': [p for p in model.parameters() if p.ndim == 1]}]
+    compiled = getattr(args, 'compile', False)
     optimizer = LARS(groups, lr=0, weight_decay=args.weight_decay, weight_decay_filter=True,
                      lars_adaptation_filter=True, foreach=getattr(args, 'lars_foreach', False),
                      eta=getattr(args, 'lars_eta', 0.001),
-                     clip_lr=getattr(args, 'lars_clip_lr', False))
+                     clip_lr=getattr(args, 'lars_clip_lr', False), compiled=compiled)
     if getattr(args, 'channels_last', False):
         model = model.to(memory_format=torch.channels_last)
-    if getattr(args, 'compile', False):
-        # In place (nn.Module.compile), so parameter names and checkpoints stay as they are.
-        model.backbone.compile()
-        model.projector.compile()
-    device_ids = [info.device.index] if info.device.type == 'cuda' else None
-    model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # --compile: the step is compiled as a whole (compiled_step.CompiledStep), the modules are
+    # not, so parameter names and checkpoints stay as they are; one process needs no DDP
+    model = distributed.data_parallel(model, info, compiled=compiled)
     if info.device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     return model, optimizer
@@ -1013,16 +1034,19 @@ class LARS(optim.Optimizer):
     release passed exclude_bias_and_norm), False/None skips none.
     foreach=True does the same arithmetic with a few multi-tensor kernels per group instead of
     about ten kernels per parameter (equal to float tolerance: norms may sum in another order).
+    compiled=True runs every group's update as one torch.compile graph (lars_update), the
+    learning rates passed as device scalars so that the schedule never recompiles it.
     """
 
     def __init__(self, params, lr, weight_decay=0, momentum=0.9, eta=0.001,
                  weight_decay_filter=False, lars_adaptation_filter=False, foreach=False,
-                 clip_lr=False):
+                 clip_lr=False, compiled=False):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                         eta=eta, weight_decay_filter=weight_decay_filter,
                         lars_adaptation_filter=lars_adaptation_filter, clip_lr=clip_lr)
         super().__init__(params, defaults)
         self.foreach = foreach
+        self.compiled = compiled
 
     def exclude_bias_and_norm(self, p):
         return p.ndim == 1
@@ -1040,6 +1064,9 @@ class LARS(optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.compiled:
+            self._step_compiled()
+            return loss
         for g in self.param_groups:
             if self.foreach:
                 self._group_step_foreach(g)
@@ -1093,6 +1120,34 @@ class LARS(optim.Optimizer):
         torch._foreach_add_(mus, updates)
         torch._foreach_add_(params, mus, alpha=-g['lr'])
 
+    def _step_compiled(self):
+        params, grads, mus, settings = [], [], [], []
+        for index, g in enumerate(self.param_groups):
+            for p in g['params']:
+                if p.grad is None:
+                    continue
+                if 'mu' not in self.state[p]:
+                    self.state[p]['mu'] = torch.zeros_like(p)
+                params.append(p)
+                grads.append(p.grad)
+                mus.append(self.state[p]['mu'])
+                decay = 0.0 if self._skips(g['weight_decay_filter'], p) else g['weight_decay']
+                settings.append((index, decay, not self._skips(g['lars_adaptation_filter'], p)))
+        if not params:
+            return
+        # one device scalar per group, refilled each step: a Python float would be a constant
+        # of the graph, and every new learning rate a recompilation
+        lrs = self.__dict__.setdefault('_lr_tensors', [])
+        if len(lrs) != len(self.param_groups) or lrs[0].device != params[0].device:
+            # float64: exact for float64 parameters, cast like `alpha` for float32 ones
+            lrs[:] = [torch.zeros((), dtype=torch.float64, device=params[0].device)
+                      for _ in self.param_groups]
+        for lr, g in zip(lrs, self.param_groups):
+            lr.fill_(g['lr'])
+        groups = tuple((g['momentum'], g['eta'], bool(g.get('clip_lr')))
+                       for g in self.param_groups)
+        compiled_lars_update()(params, grads, mus, lrs, tuple(settings), groups)
+
     @staticmethod
     def _clipped(q, g):
         # (a state dict of an earlier version has no clip_lr: not clipped, as then)
@@ -1134,6 +1189,39 @@ class LARS(optim.Optimizer):
         if key not in cache:
             cache[key] = torch.tensor(sizes, dtype=torch.int32, device=device)
         return cache[key]
+
+
+def lars_update(params, grads, mus, lrs, settings, groups):
+    """LARS.step's arithmetic for every parameter, as a function torch.compile takes whole.
+
+    settings[i] = (group index, weight decay or 0 where filtered, trust ratio or not) of
+    params[i]; groups[k] = (momentum, eta, clip_lr) and lrs[k] (a 0-d tensor) of group k. The
+    ratio scales each update directly: the foreach path's flat buffer of ratios is a view chain
+    that the compiler refuses to mutate."""
+    for p, g, mu, (group, decay, adapt) in zip(params, grads, mus, settings):
+        momentum, eta, clip = groups[group]
+        lr = lrs[group]
+        update = g.add(p, alpha=decay) if decay else g
+        if adapt:
+            param_norm = torch.linalg.vector_norm(p)
+            update_norm = torch.linalg.vector_norm(update)
+            q = torch.where((param_norm > 0) & (update_norm > 0), eta * param_norm / update_norm,
+                            torch.ones_like(param_norm))
+            if clip:
+                q = (q / lr).clamp(max=1.0)
+            update = update * q
+        mu.mul_(momentum).add_(update)
+        p.sub_(lr * mu)
+
+
+_COMPILED = {}
+
+
+def compiled_lars_update():
+    """lars_update compiled once per process (at its first call: compiling takes seconds)."""
+    if 'lars' not in _COMPILED:
+        _COMPILED['lars'] = torch.compile(lars_update, fullgraph=True, dynamic=False)
+    return _COMPILED['lars']
 
 
 class GaussianBlur(object):

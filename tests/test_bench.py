@@ -1,4 +1,5 @@
 """bench.py runs both benchmarks end to end on tiny settings and prints its tables."""
+import json
 import re
 
 import pytest
@@ -72,3 +73,54 @@ def test_knn_memory_table_before_and_after_sharding(capsys):
         # sharded: about an eighth of the bank in the compute dtype, not the whole bank
         assert 1_281_167 * 2048 * dtype_bytes / 8 / 2**30 < after < 1.2 * (
             1_281_167 * 2048 * dtype_bytes / 8 / 2**30)
+
+
+def test_end_to_end_runs_main_pys_loop_and_logs_every_epoch(tmp_path, capsys):
+    # 10 generated JPEGs, batch 4: two full steps and a short one per epoch
+    log = tmp_path / 'results.jsonl'
+    bench.main(['--device', 'cpu', '--arch', 'resnet18', '--projector', '32-32', '--batch-size',
+                '4', '--crop-size', '32', '--end-to-end', '--generate', '10', '--workers', '0',
+                '--epochs', '2', '--skip-steps', '0', '--work-dir', str(tmp_path / 'work'),
+                '--settings', 'reference', 'fast-nocompile', '--log', str(log)])
+    out = capsys.readouterr().out
+    rows = table_rows(out, 'End to end: main.py\'s loader (0 workers')
+    assert [r.split('|')[1].strip() for r in rows] == ['reference', 'fast-nocompile']
+    results = [json.loads(line) for line in log.read_text().splitlines()]
+    epochs = [r for r in results if r['kind'] == 'end-to-end-epoch']
+    assert [(r['setting'], r['epoch'], r['warmup'], r['images']) for r in epochs] == [
+        ('reference', 0, True, 10), ('reference', 1, False, 10),
+        ('fast-nocompile', 0, True, 10), ('fast-nocompile', 1, False, 10)]
+    assert all(r['steady_images_per_s'] > 0 for r in epochs)
+    # main.py's own log of each setting, as a run writes it
+    assert (tmp_path / 'work' / 'e2e-reference' / 'stats.txt').read_text().startswith('main.py ')
+
+
+def test_breakdown_groups_the_profiled_steps(capsys):
+    bench.main(['--device', 'cpu', '--arch', 'resnet18', '--projector', '32-32', '--batch-size',
+                '4', '--crop-size', '32', '--steps', '1', '--warmup', '1', '--settings',
+                'fast-nocompile', '--breakdown', '1'])
+    out = capsys.readouterr().out
+    rows = table_rows(out, 'Kernel time per step (ms) from torch.profiler over 1 steps')
+    values = [float(v) for v in rows[0].split('|')[2:-1]]
+    groups = dict(zip(bench.KERNEL_GROUPS, values))
+    assert all(v >= 0 for v in values)
+    # on a CPU the operators stand for kernels: convolutions, the augmentation's device half
+    # and LARS each took time of their own
+    assert groups['convolutions'] > 0 and groups['augmentation'] > 0 and groups['optimizer'] > 0
+    regions = table_rows(out, 'Device time per step and region (ms)')
+    assert regions[0].split('|')[1].strip() == 'fast-nocompile'
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--projector', '8192-x'], '--projector'),
+    (['--batch-size', '1'], '--batch-size 1'),
+    (['--images', '/nonexistent/images'], '/nonexistent/images'),
+    (['--end-to-end', '--settings', 'fast-ddp'], 'fast-ddp'),
+])
+def test_bad_input_stops_before_anything_is_measured(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(['--device', 'cpu', *argv])
+    message = exit_info.value.code  # what Python prints to stderr, exiting with status 1
+    assert isinstance(message, str) and message.startswith('bench.py: error: ')
+    assert words in message and len(message.splitlines()) == 1, message
+    assert 'Training step' not in capsys.readouterr().out  # nothing was measured

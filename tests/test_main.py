@@ -334,11 +334,11 @@ def assert_compiled_trains_like_plain(plain_dir, compiled_dir):
 
 
 def test_fast_with_compile_trains_like_without_on_two_processes(tiny_imagefolder, tmp_path):
-    # --fast compiles backbone and projector (minutes of CPU compiling, cold): here inside
-    # DistributedDataParallel on two processes, global BatchNorm's collectives traced by the
-    # compiler. The first step runs before any update, so its loss is the uncompiled model's
-    # (same two processes, same views) up to bf16 rounding; no graph break (dynamo's own
-    # counters), one graph each for backbone and projector (and the augmentation's device half)
+    # --fast on two processes compiles the model inside DistributedDataParallel (minutes of CPU
+    # compiling, cold): backbone, projector and loss, global BatchNorm's and the loss's
+    # collectives traced by the compiler. The first step runs before any update, so its loss is
+    # the uncompiled model's (same two processes, same views) up to bf16 rounding; no graph
+    # break (dynamo's own counters), a graph for the model (and the augmentation, and LARS)
     ranks.spawn(_two_process_worker, (ranks.free_port(), tiny_args(
         tiny_imagefolder, tmp_path / 'plain', *FAST_WITHOUT_COMPILE, epochs=1)))
     ranks.spawn(_two_process_worker_counting_graph_breaks,

@@ -231,8 +231,32 @@ def small_net():
                          nn.Linear(12, 4)).double()
 
 
+@pytest.fixture
+def compiler():
+    """A fresh torch.compile (no code compiled for earlier tests, which could use up its
+    recompilation limit and leave a test running eagerly) and its counters."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def lars_variant(name, request):
+    """LARS keyword arguments of a loop/foreach/compiled parametrization."""
+    if name == 'compiled':
+        request.getfixturevalue('compiler')
+    return dict(foreach=name == 'foreach', compiled=name == 'compiled')
+
+
+def assert_compiled_once(counters):
+    # fullgraph=True: a graph break would have raised; one graph, compiled, no eager fallback
+    assert counters['stats']['unique_graphs'] == 1 and not counters['graph_break']
+
+
 def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05), foreach=False,
-             eta=0.001, clip_lr=False, ratios=None):
+             eta=0.001, clip_lr=False, ratios=None, compiled=False):
     """`steps` LARS steps on small_net with two groups (weights, 1-D) at different lr, and the
     same steps by ref_lars_step fed the same gradients; returns the LARS optimizer."""
     net = small_net()
@@ -241,7 +265,7 @@ def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05), fo
     opt = main.LARS([{'params': weights, 'lr': lrs[0]}, {'params': biases, 'lr': lrs[1]}], lr=0,
                     weight_decay=weight_decay, weight_decay_filter=filters[0],
                     lars_adaptation_filter=filters[1], foreach=foreach, eta=eta,
-                    clip_lr=clip_lr)
+                    clip_lr=clip_lr, compiled=compiled)
     ref = [[p.detach().clone() for p in weights], [p.detach().clone() for p in biases]]
     ref_state = [{}, {}]
     gen = torch.Generator().manual_seed(3)
@@ -271,9 +295,24 @@ def run_lars(filters, ref_skips, steps=4, weight_decay=0.05, lrs=(0.5, 0.05), fo
     ((lambda p: p.dim() == 4, lambda p: p.dim() == 2), (lambda p: p.dim() == 4,
                                                         lambda p: p.dim() == 2)),
 ], ids=['true', 'exclude_bias_and_norm', 'false', 'none', 'wd-all', 'lars-all', 'custom'])
-@pytest.mark.parametrize('foreach', [False, True], ids=['loop', 'foreach'])
-def test_lars_matches_reference_over_several_steps(filters, ref_skips, foreach):
-    opt, (weights, biases), ref_state = run_lars(filters, ref_skips, foreach=foreach)
+@pytest.mark.parametrize('variant', ['loop', 'foreach'])
+def test_lars_matches_reference_over_several_steps(filters, ref_skips, variant, request):
+    check_lars_against_reference(filters, ref_skips, variant, request)
+
+
+@pytest.mark.parametrize('filters, ref_skips', [
+    ((True, True), (is_1d, is_1d)),
+    ((lambda p: p.dim() == 4, lambda p: p.dim() == 2), (lambda p: p.dim() == 4,
+                                                        lambda p: p.dim() == 2)),
+], ids=['true', 'custom'])  # main.py's filters, and callable ones (a compile costs seconds)
+def test_compiled_lars_matches_reference_over_several_steps(filters, ref_skips, request):
+    check_lars_against_reference(filters, ref_skips, 'compiled', request)
+    assert_compiled_once(request.getfixturevalue('compiler'))
+
+
+def check_lars_against_reference(filters, ref_skips, variant, request):
+    opt, (weights, biases), ref_state = run_lars(filters, ref_skips,
+                                                 **lars_variant(variant, request))
     # A single buffer named mu per parameter, equal to the reference's momentum buffer.
     for k, group in enumerate((weights, biases)):
         for i, p in enumerate(group):
@@ -282,14 +321,16 @@ def test_lars_matches_reference_over_several_steps(filters, ref_skips, foreach):
     assert all(set(s) == {'mu'} for s in opt.state_dict()['state'].values())
 
 
-@pytest.mark.parametrize('foreach', [False, True], ids=['loop', 'foreach'])
-def test_lars_eta_and_clip_lr_match_solo_learns_formula(foreach):
+@pytest.mark.parametrize('variant', ['loop', 'foreach', 'compiled'])
+def test_lars_eta_and_clip_lr_match_solo_learns_formula(variant, request):
     # solo-learn's CIFAR recipe: eta 0.02 with clip_lr. All tensors are adapted, so that the
     # group at lr 0.05 has ratios on both sides of 1: some tensors clipped, some not.
     ratios = []
-    run_lars((True, False), (is_1d, never), foreach=foreach, eta=0.02, clip_lr=True,
-             ratios=ratios)
+    run_lars((True, False), (is_1d, never), eta=0.02, clip_lr=True, ratios=ratios,
+             **lars_variant(variant, request))
     assert min(ratios) < 1 < max(ratios)
+    if variant == 'compiled':
+        assert_compiled_once(request.getfixturevalue('compiler'))
     args = main.parse_arguments(['data', '--lars-eta', '0.02', '--lars-clip-lr'])
     assert (args.lars_eta, args.lars_clip_lr) == (0.02, True)
     defaults = main.parse_arguments(['data'])
@@ -314,12 +355,12 @@ def test_lars_1d_params_get_neither_weight_decay_nor_trust_ratio():
             torch.testing.assert_close(step_norm, 0.5 * 0.001 * p0.norm(), rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize('foreach', [False, True], ids=['loop', 'foreach'])
-def test_lars_zero_norms_use_ratio_one(foreach):
+@pytest.mark.parametrize('variant', ['loop', 'foreach', 'compiled'])
+def test_lars_zero_norms_use_ratio_one(variant, request):
     p_zero = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))  # ||p|| = 0
     p_still = nn.Parameter(torch.ones(3, 2, dtype=torch.float64))  # ||g|| = 0 (no weight decay)
     opt = main.LARS([p_zero, p_still], lr=0.1, weight_decay=0, weight_decay_filter=True,
-                    lars_adaptation_filter=True, foreach=foreach)
+                    lars_adaptation_filter=True, **lars_variant(variant, request))
     g = torch.arange(6, dtype=torch.float64).view(3, 2)
     p_zero.grad, p_still.grad = g.clone(), torch.zeros(3, 2, dtype=torch.float64)
     opt.step()
