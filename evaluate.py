@@ -262,6 +262,7 @@ class Training:
     log: StatsLog
     stop: StopRequests
     best_acc: dict
+    classes: list = None  # the training set's class names, saved with the classifier
     start_time: float = dataclasses.field(default_factory=time.time)
 
     @property
@@ -294,7 +295,8 @@ def linear_eval(info, args):
     if info.is_main:
         print_provenance(args, info, train_set, val_set)
     run = Training(args, info, model, optimizer, scheduler, train_loader, stats_log,
-                   StopRequests(info.world_size, info.device), best_acc)
+                   StopRequests(info.world_size, info.device), best_acc,
+                   list(train_set.classes))
     try:
         for epoch in range(start_epoch, args.epochs):
             train_one_epoch(run, epoch, start_step if epoch == start_epoch else 0)
@@ -342,11 +344,13 @@ def end_epoch(run, epoch, val_loader, pretrained):
 
 def save_checkpoint(run, epoch, steps_done=0):
     """checkpoint.pth (rank 0) to continue at `epoch` after its first `steps_done` steps; the
-    reference's keys, plus step_in_epoch, which the reference ignores."""
+    reference's keys, plus step_in_epoch, args and classes (the training set's class names, in
+    the order of the classifier's outputs), which the reference ignores."""
     if run.info.is_main:
         state = dict(epoch=epoch, step_in_epoch=steps_done, best_acc=run.best_acc,
                      model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
-                     scheduler=run.scheduler.state_dict(), args=checkpoint_args(run.args))
+                     scheduler=run.scheduler.state_dict(), args=checkpoint_args(run.args),
+                     classes=run.classes)
         save_atomic(state, run.args.checkpoint_dir / 'checkpoint.pth')
 
 
@@ -708,7 +712,10 @@ def fast_linear_main(info, args):
                     0)
     stats_log.close()
     if info.is_main:
-        save_atomic(dict(classifier.state_dict()), args.checkpoint_dir / 'linear.pth')
+        # the classifier's weights, with the class names of its outputs and the settings (the
+        # backbone it was fitted on: args['pretrained'])
+        save_atomic(dict(classifier.state_dict(), classes=list(train_set.classes),
+                         args=checkpoint_args(args)), args.checkpoint_dir / 'linear.pth')
     return acc
 
 

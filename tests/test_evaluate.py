@@ -388,7 +388,9 @@ def test_fast_linear_probe_logs_what_its_saved_classifier_scores(pre, tmp_path):
     # validation transform: resize 37, centre crop 32), standardised with the saved statistics,
     # times the saved weights; the logged top-1 is the share of right answers.
     state = load(ckdir / 'linear.pth')
-    assert set(state) == {'mean', 'std', 'linear.weight', 'linear.bias'}
+    assert set(state) == {'mean', 'std', 'linear.weight', 'linear.bias', 'classes', 'args'}
+    assert state['classes'] == sorted(p.name for p in (pre.data / 'train').iterdir())
+    assert state['args']['pretrained'] == str(pre.checkpoint)
     assert state['linear.weight'].shape == (2, 512) and torch.isfinite(state['linear.weight']).all()
     net, _ = backbones.build_backbone('resnet18', cifar_stem=True)
     net.load_state_dict(load(pre.backbone))
