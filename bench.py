@@ -42,7 +42,8 @@ import main as pretrain
 import pack
 from compiled_step import CompiledStep
 from backbones import ARCHS
-from cli import ArgumentParser, InputError, default_workers, non_negative_int, positive_int
+from cli import (USER_ERRORS, ArgumentParser, InputError, check_distinct, command_line,
+                 default_workers, error_line, non_negative_int, positive_int, read_lines)
 from data import image_folder
 from monitor import Progress
 
@@ -113,9 +114,11 @@ def get_arguments():
                              'stats.txt go (default: a temporary directory, removed after)')
     parser.add_argument('--log', type=Path, default=None, metavar='FILE',
                         help='append every result to FILE as a JSON line the moment it is '
-                             'measured (a run stopped at a time limit keeps what it measured)')
+                             'measured (a run stopped at a time limit keeps what it measured); '
+                             'default: no log')
     parser.add_argument('--summary', type=Path, nargs='+', default=None, metavar='LOG',
-                        help='only print one table of every result in these --log files')
+                        help='only print one table of every result in these --log files '
+                             '(default: measure, do not summarise)')
     parser.add_argument('--data', action='store_true',
                         help='also measure the input pipeline: images per CPU-second of one '
                              'worker process, reference PIL pipeline against the fast path\'s '
@@ -672,6 +675,7 @@ def knn_memory_table(bank_size=1_281_167, dim=2048, world_size=8, query_count=50
 def check_arguments(args):
     """Everything the run was given, before anything is measured (one line per problem)."""
     pretrain.parse_projector(args.projector)
+    check_distinct(args.settings, '--settings')
     if args.batch_size is not None and args.batch_size < 2:
         raise InputError(f'--batch-size {args.batch_size}: BatchNorm needs at least 2 images '
                          f'per step')
@@ -775,10 +779,32 @@ def end_to_end_table(args, device, report):
             shutil.rmtree(work, ignore_errors=True)
 
 
+def read_results(paths):
+    """The JSON results of --log files, read as every list is (cli.read_lines); a line that is
+    not a result, or a missing file, is an InputError naming it."""
+    results = []
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f'--summary {path}: no such file')
+        for number, line in read_lines(path, '--summary log'):
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f'{path}:{number}: not a JSON result line ({e.msg})') from None
+            if not (isinstance(result, dict) and isinstance(result.get('setting'), str)
+                    and isinstance(result.get('rate'), (int, float))
+                    and isinstance(result.get('memory'), (int, float))):
+                if isinstance(result, dict) and result.get('kind') not in ('step', 'end-to-end'):
+                    continue  # breakdowns and per-epoch lines: not in the table
+                raise InputError(f'{path}:{number}: a result line needs setting, rate and '
+                                 f'memory')
+            results.append(result)
+    return results
+
+
 def summary(paths):
     """One table of every step and end-to-end result in the --log files."""
-    results = [json.loads(line) for path in paths if path.exists()
-               for line in path.read_text().splitlines() if line.startswith('{')]
+    results = read_results(paths)
     print('| measure | setting | images/s | ratio to reference | peak memory (GiB) | graph '
           'breaks | recompilations |')
     print('|---|---|---|---|---|---|---|')
@@ -793,9 +819,13 @@ def summary(paths):
 
 def main(argv=None):
     args = get_arguments().parse_args(argv)
-    command = f'bench.py {" ".join(sys.argv[1:] if argv is None else argv)}'
+    command = command_line('bench.py', sys.argv[1:] if argv is None else argv)
     if args.summary:
-        summary(args.summary)
+        try:
+            check_distinct(args.summary, '--summary')
+            summary(args.summary)
+        except USER_ERRORS as e:
+            sys.exit(f'bench.py: error: {error_line(e)}')
         return
     if args.knn_memory:
         print(f'# {command}')
@@ -807,8 +837,8 @@ def main(argv=None):
             'cuda' else torch.device('cpu')
         if device.type == 'cuda':
             distributed.check_gpu_supported(0)  # a one-line error, not a CUDA traceback
-    except InputError as e:
-        sys.exit(f'bench.py: error: {e}')
+    except USER_ERRORS as e:
+        sys.exit(f'bench.py: error: {error_line(e)}')
     gpu = device.type == 'cuda'
     args.batch_size = args.batch_size or (256 if gpu else 16)
     args.steps = args.steps or (20 if gpu else 3)
@@ -825,8 +855,8 @@ def main(argv=None):
             end_to_end_table(args, device, report)
         else:
             step_tables(args, device, report)
-    except InputError as e:
-        sys.exit(f'bench.py: error: {e}')
+    except USER_ERRORS as e:
+        sys.exit(f'bench.py: error: {error_line(e)}')
     finally:
         distributed.cleanup()
     if args.data:

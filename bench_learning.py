@@ -17,6 +17,7 @@ evaluate.py --knn) and the fast linear probe's top-1 (as evaluate.py --fast-line
 are computed once per backbone under the validation transform, no augmentation.
 """
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -29,7 +30,8 @@ import plot
 import prepare_data
 from augmentations import val_transform
 from backbones import build_backbone, load_backbone_state, recorded_settings
-from cli import ArgumentParser, InputError, non_negative_float, positive_int
+from cli import (USER_ERRORS, ArgumentParser, InputError, command_line, error_line,
+                 non_negative_float, positive_int, seed)
 from data import image_folder
 from knn import knn_predict
 from linear_fit import fit_linear, top_k_accuracy
@@ -69,7 +71,7 @@ def get_arguments():
     parser.add_argument('--probe-weight-decay', type=non_negative_float, default=1e-3,
                         metavar='W', help='L2 weight of the fast linear probe (evaluate.py '
                                           '--fast-linear --weight-decay)')
-    parser.add_argument('--seed', type=int, default=0,
+    parser.add_argument('--seed', type=seed, default=0,
                         help='seed of the random initialisations (main.py --seed of the run)')
     return parser
 
@@ -85,17 +87,49 @@ def prepare(args):
     return out
 
 
+# main.py flags that bench_learning.py sets itself: --main-flags may not give them
+OWN_MAIN_FLAGS = ('--knn-every', '--seed', '--checkpoint-dir')
+
+
+def main_flags(args):
+    """--main-flags split as a shell splits them (quotes kept together); flags that this
+    script sets itself are refused rather than silently overridden."""
+    try:
+        words = shlex.split(args.main_flags)
+    except ValueError as e:
+        raise InputError(f'--main-flags {args.main_flags!r}: {e}') from None
+    own = [w for w in words if w.split('=', 1)[0] in OWN_MAIN_FLAGS]
+    if own:
+        raise InputError(f'--main-flags {args.main_flags!r}: {own[0].split("=", 1)[0]} is set '
+                         f'by bench_learning.py ({", ".join(OWN_MAIN_FLAGS)}: use --seed and '
+                         f'--work-dir)')
+    return words
+
+
+def check_inputs(args):
+    """Everything the command was given, before data is prepared or anything is trained."""
+    main_flags(args)
+    if args.data is not None:
+        for split in ('train', 'val'):
+            image_folder(args.data, split=split)
+    if args.pretrained is not None:
+        recorded = recorded_settings(args.pretrained)[0]
+        load_backbone_state(args.pretrained, recorded.get('arch', 'resnet18'),
+                            recorded.get('cifar_stem', False))
+
+
 def pretrain(args, data):
-    """Run main.py in a new --work-dir/pretrain; returns the backbone file."""
+    """Run main.py in --work-dir/pretrain; returns the backbone file. A rerun continues the run
+    there (main.py resumes it, or says that it is complete)."""
     run_dir = args.work_dir / 'pretrain'
-    if run_dir.exists():
-        raise InputError(f'{run_dir} exists: remove it, or evaluate its backbone with '
-                         f'--pretrained {run_dir}/resnet18.pth')
     flags = list(CPU_RECIPE) + (['--epochs', str(args.epochs)] if args.epochs else []) \
-        + args.main_flags.split()
+        + main_flags(args)
     command = [sys.executable, str(Path(__file__).with_name('main.py')), str(data), *flags,
                '--knn-every', '1', '--seed', str(args.seed), '--checkpoint-dir', str(run_dir)]
-    print('# ' + ' '.join(command[1:]), flush=True)
+    if (run_dir / 'checkpoint.pth').is_file():
+        print(f'bench_learning.py: {run_dir} holds a pretraining run: main.py continues it',
+              flush=True)
+    print('# ' + shlex.join(command[1:]), flush=True)
     result = subprocess.run(command)
     if result.returncode != 0:
         raise InputError(f'main.py failed (exit status {result.returncode}); see its output above')
@@ -107,7 +141,7 @@ def read_stats(path):
     """The JSON records of the stats.txt beside a backbone file ([] when there is none)."""
     try:
         return plot.read_stats(path)
-    except plot.StatsError:
+    except InputError:
         return []
 
 
@@ -150,9 +184,10 @@ def load_average():
 
 def main(argv=None):
     args = get_arguments().parse_args(argv)
-    print(f'# bench_learning.py {" ".join(sys.argv[1:] if argv is None else argv)}')
+    print(f'# {command_line("bench_learning.py", sys.argv[1:] if argv is None else argv)}')
     print(f'# {bench.describe(torch.device("cpu"))}; load average {load_average()} at the start', flush=True)
     try:
+        check_inputs(args)
         data = args.data if args.data is not None else prepare(args)
         weights = args.pretrained if args.pretrained is not None else pretrain(args, data)
         stats = read_stats(weights.parent / 'stats.txt')
@@ -181,8 +216,8 @@ def main(argv=None):
                 train, val = backbone_features(net, train_images), backbone_features(net, val_images)
             rows.append((name, *scores((train, train_labels), (val, val_labels), num_classes,
                                        args.probe_weight_decay)))
-    except InputError as e:
-        sys.exit(f'bench_learning.py: error: {e}')
+    except USER_ERRORS as e:
+        sys.exit(f'bench_learning.py: error: {error_line(e)}')
     print_report(args, data, rows, stats, pretrain_minutes, len(train_labels), len(val_labels),
                  time.time() - start)
     return rows

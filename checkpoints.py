@@ -102,6 +102,26 @@ def load_checkpoint_file(path):
         raise InputError(f'cannot read checkpoint {path}: {_reason(e)}') from None
 
 
+def checkpoint_kind(path):
+    """The kind of run (a stats.KINDS name) that wrote the checkpoint.pth at `path`: main.py's
+    'pretraining', or evaluate.py's 'linear probe' / 'fine-tuning'; None when the file cannot
+    be read this way (the earlier release's pickles a function: resume() reads it)."""
+    try:  # mmap: only the small entries are read
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable: the script that resumes from it says why
+        return None
+    if not isinstance(ckpt, dict) or 'model' not in ckpt:
+        return None
+    if 'best_acc' not in ckpt:
+        return 'pretraining'
+    saved = ckpt.get('args')
+    weights = saved.get('weights') if isinstance(saved, dict) else None
+    if weights is None:  # the reference's: one parameter group unless fine-tuned
+        weights = 'finetune' if len(ckpt.get('optimizer', {}).get('param_groups', [])) == 2 \
+            else 'freeze'
+    return 'fine-tuning' if weights == 'finetune' else 'linear probe'
+
+
 def _reason(error):
     # First line of the message; EOFError from an empty or cut-off file has none.
     text = str(error).strip().split('\n')[0]

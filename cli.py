@@ -1,13 +1,17 @@
-"""The command line of every script: the one-line error, the parser that prints it, flag types.
+"""The command line of every script: the one-line error, the parser that prints it, flag types,
+commands quoted for pasting, and the one way text lists are read.
 
 Bad input (a path, a file, a flag value) is an `InputError`; the scripts print its message as
-one line and exit non-zero. `ArgumentParser` does the same for argparse's own errors, and the
-flag types below reject bad values with a message naming the value.
+one line and exit non-zero, and an OSError (USER_ERRORS) the same way (error_line).
+`ArgumentParser` does the same for argparse's own errors, and the flag types below reject bad
+values with a message naming the value.
 """
 import argparse
 import math
 import os
 import re
+import shlex
+from pathlib import Path
 
 
 class InputError(Exception):
@@ -23,6 +27,52 @@ class InputError(Exception):
         if '\n' in message and marker in message:
             message = message.rsplit(marker, 1)[1].strip()
         super().__init__(message)
+
+
+def error_line(error):
+    """The one line a script prints for a user's error: an InputError's message, or for an
+    OSError (a path too long, no permission, a full disk) the file and the reason. A DataLoader
+    worker's error arrives with the worker's traceback in its message: its last line is kept."""
+    if isinstance(error, OSError) and error.strerror:
+        names = [str(n) for n in (error.filename, error.filename2) if n is not None]
+        return f'{" -> ".join(names)}: {error.strerror}' if names else error.strerror
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+# What a script's entry point reports as one line (error_line) with a non-zero exit.
+USER_ERRORS = (InputError, OSError)
+
+
+def command_line(prog, argv):
+    """The command as a shell takes it back: every word quoted where it needs to be (a space, a
+    quote, a non-ASCII name), so that the line in stats.txt or a printed command can be pasted."""
+    return shlex.join([prog, *map(str, argv)])
+
+
+def read_lines(path, what='list'):
+    """The entries of a text list, one per line: [(line number, text)]. Read the same way
+    everywhere: UTF-8 with or without a byte-order mark, any line ending (\n, \r\n, \r),
+    surrounding white space dropped, blank lines and lines starting with # left out."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f'cannot read {what} {path}: {e.strerror or e}') from None
+    if data.startswith((b'\xff\xfe', b'\xfe\xff')):
+        raise InputError(f'{what} {path} is UTF-16 text; save it as UTF-8')
+    if b'\0' in data:
+        raise InputError(f'{what} {path} is not a text file (it holds NUL bytes)')
+    try:
+        text = data.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise InputError(f'{what} {path} is not UTF-8 text (byte {e.start}); save it as '
+                         f'UTF-8') from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith('#'):
+            entries.append((number, line))
+    return entries
 
 
 REFERENCE_WORKERS = 8  # the reference's --workers default
@@ -89,12 +139,42 @@ def non_negative_int(text):
 
 
 def positive_ints(text):
+    """'20,200' -> (20, 200): distinct positive integers, in the order given."""
     try:
         values = tuple(positive_int(v) for v in text.split(','))
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f'expected positive integers joined by commas, '
                                          f'e.g. 20,200, got {text}') from None
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f'{", ".join(map(str, repeated))} given twice in {text}')
     return values
+
+
+def check_distinct(values, what):
+    """An InputError naming the first of `values` (a list flag's, or files') given twice."""
+    seen = set()
+    for value in values:
+        key = str(value)
+        if key in seen:
+            raise InputError(f'{what}: {value} given twice')
+        seen.add(key)
+
+
+SEED_RANGE = 2 ** 32  # numpy's and SeedSequence-derived seeds: every seed in range is its own run
+
+
+def seed(text):
+    """A --seed: an integer from 0 to 2^32 - 1. Larger or negative seeds are refused rather
+    than folded into the range, where two different seeds would give the same run."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < SEED_RANGE:
+        raise argparse.ArgumentTypeError(f'expected an integer from 0 to {SEED_RANGE - 1}, '
+                                         f'got {text!r}')
+    return value
 
 
 def finite_float(text, low=None, high=None, low_open=False):

@@ -7,6 +7,7 @@ import atexit
 import colorsys
 import io
 import itertools
+import math
 import os
 import random
 import re
@@ -163,6 +164,8 @@ def hdf5_reason(error):
               if line.startswith('    ')]
     cause = frames[-1] if frames else text.strip().splitlines()[-1].strip() if text.strip() \
         else type(error).__name__
+    if 'unable to lock file' in cause:  # HDF5's own lock: one writer, or readers, at a time
+        return 'another process has it open (another pack.py writing it?); wait for it to finish'
     truncated = re.search(r'truncated file: eof = (\d+).*stored_eof = (\d+)', cause)
     if truncated:
         return (f'the file is truncated ({truncated.group(1)} of its {truncated.group(2)} bytes '
@@ -207,6 +210,35 @@ def read_strings(array):
     return [s.decode('utf-8') for s in array.read()]
 
 
+def split_problems(names, offsets, labels, num_classes, data_rows, packed):
+    """What is inconsistent between a split's arrays (`names` their count), as a list of
+    phrases: every reader of a pack checks this, and pack.py --check too."""
+    n = len(labels)
+    problems = []
+    if not (len(offsets) == n + 1 and names == n == packed):
+        problems.append(f'{n} labels, {names} names, {len(offsets)} offsets')
+    elif offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != data_rows:
+        problems.append('offsets do not cut the data into non-empty images')
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        problems.append('labels out of the class range')
+    return problems
+
+
+def check_split_arrays(h5, path, split):
+    """A finished split whose arrays agree with each other; returns its image count."""
+    group = pack_split_group(h5, path, split)
+    try:
+        read_strings(group.names), read_strings(group.classes)
+    except UnicodeDecodeError:
+        raise InputError(f'{path}:{split} is inconsistent: names that are not UTF-8') from None
+    offsets, labels = group.offsets.read(), group.labels.read()
+    problems = split_problems(group.names.nrows, offsets, labels, group.classes.nrows,
+                              group.data.nrows, group._v_attrs.packed)
+    if problems:
+        raise InputError(f'{path}:{split} is inconsistent: {"; ".join(problems)}')
+    return len(labels)
+
+
 class PackedImageFolder(torch.utils.data.Dataset):
     """One split of a pack.py file, with torchvision ImageFolder's interface and samples.
 
@@ -225,13 +257,24 @@ class PackedImageFolder(torch.utils.data.Dataset):
         self.transform, self.target_transform = transform, target_transform
         with open_pack(self.file) as h5:
             group = pack_split_group(h5, self.file, split)
-            self.classes = read_strings(group.classes)
             self._names = group.names.read()  # (N,) bytes: compact, and quick to pickle
             self._offsets = group.offsets.read()  # (N + 1,)
-            labels = group.labels.read().tolist()
+            labels = group.labels.read()
+            # checked as pack.py --check does: a damaged file must not give wrong labels
+            problems = split_problems(len(self._names), self._offsets, labels,
+                                      group.classes.nrows, group.data.nrows,
+                                      group._v_attrs.packed)
+            try:
+                self.classes = read_strings(group.classes)
+                names = [n.decode('utf-8') for n in self._names]
+            except UnicodeDecodeError:
+                problems.append('names that are not UTF-8')
+        if problems:
+            raise InputError(f'{self.file}:{split} is inconsistent: {"; ".join(problems)}; '
+                             f'check it with pack.py --check, or pack it again')
+        labels = labels.tolist()
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.samples = self.imgs = [(f'{self.root}/{n.decode("utf-8")}', t)
-                                    for n, t in zip(self._names, labels)]
+        self.samples = self.imgs = [(f'{self.root}/{n}', t) for n, t in zip(names, labels)]
         self.targets = labels
         self._lookup = None  # name -> record, built when a sample is not at its packed index
         self._pid = self._h5 = self._data = self._closer = None
@@ -297,68 +340,116 @@ class PackedImageFolder(torch.utils.data.Dataset):
         return f'PackedImageFolder({self.root}, {len(self)} images, {len(self.classes)} classes)'
 
 
-# The demo dataset: small synthetic photographs of coloured shapes on plain grey backgrounds, in
-# the ImageNet layout. Classes differ by shape and colour family, so the features a run learns can
-# be probed; every image is different (position, size, rotation, shade, background level). No
-# background clutter: on a few hundred images, Barlow Twins encodes whatever tells images apart
-# through the augmentations, and random clutter then wins over the shape (kNN at chance).
-DEMO_SHAPES = ('disc', 'square', 'triangle', 'cross', 'ring')
-DEMO_PALETTES = ('warm', 'cool')
+# The demo dataset: small synthetic photographs of shapes, in the ImageNet layout. The classes
+# differ only in the shape. Position, size and rotation are drawn anew for every image, and so
+# is a colour jitter (the range of the training views' own) that moves one fixed pair of colours,
+# shape and background: within a class images differ in colour as much as Barlow Twins' colour
+# augmentation teaches it to ignore, and no more. (Fully random colours were tried: Barlow Twins
+# then encodes the colour, which its hue jitter of +-0.1 cannot make it ignore, and learns no
+# shape in the demo's minutes; BENCHMARKS.md, "The demo's settings".) No background clutter: on
+# a few hundred images Barlow Twins encodes whatever tells images apart through the
+# augmentations, and clutter would win.
+DEMO_SHAPES = ('disc', 'ring', 'square', 'triangle', 'cross', 'star', 'hexagon', 'crescent')
 
 
-def _demo_colour(rng, palette):
-    # Warm: reds to yellows; cool: greens to violets. Saturated, varied brightness.
-    hue = rng.uniform(0.0, 0.16) if palette == 'warm' else rng.uniform(0.40, 0.78)
-    r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0))
-    return int(r * 255), int(g * 255), int(b * 255)
+def _demo_colours(rng):
+    """(shape colour, background colour) for one image: one light and one dark colour of a
+    fixed pair, both moved by the same random colour jitter as the training views' (brightness
+    and contrast 0.6-1.4, saturation 0.8-1.2, hue +-0.1): within a class images differ in what
+    the augmentations teach invariance to, and in position, size and rotation."""
+    base = ((235, 170, 60), (30, 50, 110))  # amber on dark blue
+    brightness, contrast = rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4)
+    saturation, hue = rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1)
+    mean_luma = sum(0.299 * r + 0.587 * g + 0.114 * b for r, g, b in base) / 2
+    colours = []
+    for r, g, b in base:
+        h, s, v = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
+        r, g, b = colorsys.hsv_to_rgb((h + hue) % 1.0, min(1.0, s * saturation), v)
+        r, g, b = (min(255.0, max(0.0, brightness * 255 * c)) for c in (r, g, b))
+        r, g, b = (min(255.0, max(0.0, contrast * c + (1 - contrast) * mean_luma))
+                   for c in (r, g, b))
+        colours.append((int(r), int(g), int(b)))
+    return colours
 
 
-def _demo_image(rng, shape, palette, size):
-    grey = rng.randint(60, 190)
-    img = Image.new('RGB', (size, size), (grey, grey, grey))
+def _demo_image(rng, shape, size):
+    colour, background = _demo_colours(rng)
+    img = Image.new('RGB', (size, size), background)
     draw = ImageDraw.Draw(img)
-    colour = _demo_colour(rng, palette)
     r = rng.randint(size // 4, int(size * 0.45))
     cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    turn = rng.uniform(0, 360)
     if shape == 'disc':
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif shape == 'square':
-        draw.regular_polygon((cx, cy, r), 4, rotation=rng.uniform(0, 90), fill=colour)
-    elif shape == 'triangle':
-        draw.regular_polygon((cx, cy, r), 3, rotation=rng.uniform(0, 120), fill=colour)
-    elif shape == 'cross':
-        w = max(2, r // 3)
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
-    else:
+    elif shape == 'ring':
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, r // 3))
+    elif shape in ('square', 'triangle', 'hexagon'):
+        sides = dict(square=4, triangle=3, hexagon=6)[shape]
+        draw.regular_polygon((cx, cy, r), sides, rotation=turn, fill=colour)
+    elif shape == 'star':  # five points, inner radius 0.4 r
+        corners = [(cx + radius * math.cos(angle), cy + radius * math.sin(angle))
+                   for k in range(10)
+                   for radius, angle in [(r if k % 2 == 0 else 0.4 * r,
+                                          math.radians(turn) + math.pi * k / 5)]]
+        draw.polygon(corners, fill=colour)
+    elif shape == 'cross':  # four arms of width 2r/3
+        arm, corners = r / 3, []
+        for k in range(4):
+            a = math.radians(turn) + math.pi / 2 * k
+            for along, across in ((r, -arm), (r, arm), (arm, arm)):
+                corners.append((cx + along * math.cos(a) - across * math.sin(a),
+                                cy + along * math.sin(a) + across * math.cos(a)))
+        draw.polygon(corners, fill=colour)
+    else:  # crescent: a disc with an offset disc of the background cut out
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        a = math.radians(turn)
+        ox, oy = cx + 0.5 * r * math.cos(a), cy + 0.5 * r * math.sin(a)
+        draw.ellipse([ox - 0.85 * r, oy - 0.85 * r, ox + 0.85 * r, oy + 0.85 * r],
+                     fill=background)
     return img
 
 
+# Written beside train/ and val/: what generated them. A folder with another version's mark, or
+# the first demo's (which wrote none; its classes were warm_* and cool_*), is generated again.
+DEMO_MARK = 'demo_dataset.txt'
+DEMO_VERSION = 'demo dataset 2: 8 shapes, one fixed pair of colours jittered per image\n'
+
+
+def _is_earlier_demo(root):
+    mark = root / DEMO_MARK
+    if mark.is_file():
+        return mark.read_text() != DEMO_VERSION
+    classes = [p.name for p in (root / 'train').iterdir() if p.is_dir()]
+    return bool(classes) and all(c.startswith(('warm_', 'cool_')) for c in classes)
+
+
 def make_demo_dataset(root, per_class=40, val_per_class=30, size=64, seed=0):
-    """Write the demo ImageFolder (root/train, root/val) unless it is already complete.
+    """Write the demo ImageFolder (root/train, root/val) unless it is already complete: a
+    folder holding this version's demo, or data of the user's own, is used as it is.
 
     Written to a temporary folder and moved into place, so an interrupted write never leaves a
     half dataset that a later run would take for a complete one.
     """
     root = Path(root)
-    if (root / 'train').is_dir() and (root / 'val').is_dir():
+    if (root / 'train').is_dir() and (root / 'val').is_dir() and not _is_earlier_demo(root):
         return root
     rng = random.Random(seed)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='.demo-', dir=root.parent))
     try:
         for split, count in (('train', per_class), ('val', val_per_class)):
-            for palette in DEMO_PALETTES:
-                for shape in DEMO_SHAPES:
-                    cls = f'{palette}_{shape}'
-                    (tmp / split / cls).mkdir(parents=True)
-                    for i in range(count):
-                        img = _demo_image(rng, shape, palette, size)
-                        img.save(tmp / split / cls / f'{cls}_{i:04d}.JPEG', quality=90)
+            for cls in DEMO_SHAPES:
+                (tmp / split / cls).mkdir(parents=True)
+                for i in range(count):
+                    img = _demo_image(rng, cls, size)
+                    img.save(tmp / split / cls / f'{cls}_{i:04d}.JPEG', quality=90)
+        (tmp / DEMO_MARK).write_text(DEMO_VERSION)
         root.mkdir(parents=True, exist_ok=True)
         for split in ('train', 'val'):
+            if (root / split).exists():  # an earlier version's: out of the way, then removed
+                os.replace(root / split, tmp / f'earlier-{split}')
             os.replace(tmp / split, root / split)
+        os.replace(tmp / DEMO_MARK, root / DEMO_MARK)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root

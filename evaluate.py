@@ -20,6 +20,7 @@ main.py or from the original code (`module.backbone.*` keys). Writes stats.txt a
 """
 import argparse
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -39,14 +40,16 @@ from augmentations import train_transform, val_transform
 from backbones import (ARCHS, build_backbone, describe_settings, load_backbone_state,
                        recorded_settings)
 from checkpoints import checkpoint_args, load_checkpoint_file, match_state_dict, save_atomic
-from cli import (ArgumentParser, InputError, default_workers, non_negative_float,
-                 non_negative_int, positive_float, positive_int, positive_ints)
+from cli import (USER_ERRORS, ArgumentParser, InputError, command_line, default_workers,
+                 error_line, non_negative_float, non_negative_int, positive_float, positive_int,
+                 positive_ints, read_lines, seed)
 from data import (EpochSampler, align_classes, ignore_stop_signals, image_folder,
                   make_eval_loader, seed_everything)
 from knn import KNN_KS, KNN_TEMPERATURE, extract_features, knn_evaluate
 from linear_fit import fit_linear, top_k_accuracy
 from monitor import StatsLog
-from preemption import StopRequests, Stopped, stop_signals_end_it
+from preemption import RunLock, StopRequests, Stopped, check_directory_kind, stop_signals_end_it
+from stats import read_runs
 
 SUBSET_URL = ('https://raw.githubusercontent.com/google-research/simclr/master/imagenet_subsets/'
               '{percent}percent.txt')
@@ -145,7 +148,7 @@ def get_arguments():
                              'the reference protocol, which stays the default')
     parser.add_argument('--lbfgs-steps', default=500, type=positive_int, metavar='N',
                         help='most L-BFGS iterations of --fast-linear')
-    parser.add_argument('--seed', default=0, type=int,
+    parser.add_argument('--seed', default=0, type=seed,
                         help='seed for the head initialisation, data order and augmentations')
     parser.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
                         help='auto: every visible GPU, else the CPU with a note')
@@ -154,7 +157,8 @@ def get_arguments():
 
 def parse_arguments(argv=None):
     parser = get_arguments()
-    command = ' '.join(sys.argv if argv is None else ['evaluate.py'] + list(argv))
+    command = command_line(sys.argv[0], sys.argv[1:]) if argv is None else \
+        command_line('evaluate.py', argv)
     args = parser.parse_args(argv)
     args.command = command
     # Which settings were given; the others come from FILE's record in main() (see --help).
@@ -182,8 +186,10 @@ def main(argv=None):
         for split in ('train', 'val'):
             if not (args.data / split).is_dir():
                 image_folder(args.data, split=split)  # the one-line error naming what is missing
-        if not args.pretrained.is_file():
+        if not args.pretrained.exists():
             raise InputError(f'pretrained file {args.pretrained} does not exist')
+        if not args.pretrained.is_file():
+            raise InputError(f'pretrained file {args.pretrained} is not a file')
         take_recorded_settings(args)
         load_backbone_state(args.pretrained, args.arch, args.cifar_stem)  # fail before launching
         if args.train_percent != 100:
@@ -191,10 +197,27 @@ def main(argv=None):
                                                 args.subset_cache_dir)
             names = read_subset_list(args.train_files)
             print(f'evaluate.py: subset list {args.train_files}: {len(names)} images, '
-                  f'{subset_list_format(names)} lines', flush=True)
+                  f'{subset_list_format(names)} lines' + repeated_note(names), flush=True)
+        check_directory_kind(args.checkpoint_dir, run_kind(args))  # again under the run's lock
         distributed.launch(main_worker, (args,), device=args.device)
-    except InputError as e:
-        sys.exit(f'evaluate.py: error: {e}')
+    except USER_ERRORS as e:
+        sys.exit(f'evaluate.py: error: {error_line(e)}')
+    except KeyboardInterrupt:  # before (or after) the run's own stop handling is in place
+        sys.exit('evaluate.py: interrupted; checkpoints written before are kept')
+
+
+def run_kind(args):
+    """The kind of run (stats.KINDS) this command is."""
+    if args.knn:
+        return 'kNN'
+    if args.fast_linear:
+        return 'fast linear probe'
+    return 'fine-tuning' if args.weights == 'finetune' else 'linear probe'
+
+
+def lock_checkpoint_dir(args, info):
+    """One run at a time in --checkpoint-dir, and one kind of run (rank 0 holds the lock)."""
+    return RunLock(args.checkpoint_dir, run_kind(args)).acquire() if info.is_main else None
 
 
 def main_worker(info, args):
@@ -207,9 +230,9 @@ def main_worker(info, args):
                 fast_linear_main(info, args)
         else:
             linear_eval(info, args)
-    except InputError as e:
+    except USER_ERRORS as e:
         where = f' (rank {info.rank})' if info.world_size > 1 else ''
-        print(f'evaluate.py: error{where}: {e}', file=sys.stderr, flush=True)
+        print(f'evaluate.py: error{where}: {error_line(e)}', file=sys.stderr, flush=True)
         sys.exit(1)
     except Stopped as e:
         if info.is_main:
@@ -263,12 +286,14 @@ class Training:
     stop: StopRequests
     best_acc: dict
     classes: list = None  # the training set's class names, saved with the classifier
+    order: dict = None  # data_order(), saved with each checkpoint
+    digest: str = None  # pretrained_digest(), saved with each checkpoint
     start_time: float = dataclasses.field(default_factory=time.time)
 
     @property
     def steps_per_epoch(self):
         # the whole epoch's, also while a resumed epoch's loader yields fewer batches
-        return math.ceil(self.loader.sampler.num_samples / self.loader.batch_size)
+        return math.ceil(self.loader.sampler.epoch_samples / self.loader.batch_size)
 
 
 def linear_eval(info, args):
@@ -285,22 +310,33 @@ def linear_eval(info, args):
                   f'larger --epochs to train on, or another --checkpoint-dir for a new run',
                   flush=True)
         return
+    lock = lock_checkpoint_dir(args, info)
+    try:
+        train_and_validate(info, args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_and_validate(info, args):
     stats_log = open_stats_log(args, info)
     seed_everything(args.seed)
     pretrained = load_backbone_state(args.pretrained, args.arch, args.cifar_stem)
     train_set, val_set = build_datasets(args, train_transform(args.crop_size))
     model, optimizer, scheduler = build_model(args, info, pretrained, len(train_set.classes))
-    start_epoch, start_step, best_acc = resume(args, model, optimizer, scheduler, pretrained)
     train_loader, val_loader = build_loaders(args, info, train_set, val_set)
+    order, digest = data_order(args, info, train_set), pretrained_digest(pretrained)
+    start_epoch, start_step, best_acc = resume(args, model, optimizer, scheduler, pretrained,
+                                               order, digest)
     if info.is_main:
         print_provenance(args, info, train_set, val_set)
     run = Training(args, info, model, optimizer, scheduler, train_loader, stats_log,
                    StopRequests(info.world_size, info.device), best_acc,
-                   list(train_set.classes))
+                   list(train_set.classes), order, digest)
     try:
         for epoch in range(start_epoch, args.epochs):
-            train_one_epoch(run, epoch, start_step if epoch == start_epoch else 0)
-            end_epoch(run, epoch, val_loader, pretrained)
+            train_loss = train_one_epoch(run, epoch, start_step if epoch == start_epoch else 0)
+            end_epoch(run, epoch, val_loader, pretrained, train_loss)
     finally:
         run.stop.close()
         stats_log.close()
@@ -319,21 +355,29 @@ def finished_evaluation(args):
     saved = ckpt.get('args') if isinstance(ckpt, dict) else None
     if not isinstance(saved, dict) or not isinstance(ckpt.get('best_acc'), dict) or \
             any(saved.get(k) != getattr(args, k) for k in ('weights', 'train_percent', 'arch')) \
-            or saved.get('pretrained') != str(args.pretrained) \
             or not isinstance(ckpt.get('epoch'), int) or ckpt['epoch'] < args.epochs:
         return None
+    if saved.get('pretrained') != str(args.pretrained):  # the same weights by another path?
+        digest = ckpt.get('pretrained_digest')
+        if digest is None or digest != pretrained_digest(
+                load_backbone_state(args.pretrained, args.arch, args.cifar_stem)):
+            return None
     return dict(epoch=ckpt['epoch'], **ckpt['best_acc'])
 
 
-def end_epoch(run, epoch, val_loader, pretrained):
+def end_epoch(run, epoch, val_loader, pretrained, train_loss):
     """Check the weights, validate, log, check the frozen backbone, step the schedule,
-    checkpoint."""
+    checkpoint. The epoch's line has the reference's accuracies, and the mean training loss of
+    the epoch and its learning rates (one point per epoch, whatever --print-freq)."""
     stop_if_weights_non_finite(run.model, run.optimizer, run.args, epoch)
     acc1, acc5 = validate(run.model.module, val_loader, run.info.device)
     best = run.best_acc = dict(top1=max(run.best_acc['top1'], acc1),
                                top5=max(run.best_acc['top5'], acc5))
+    groups = run.optimizer.param_groups
     run.log.write(dict(epoch=epoch, acc1=acc1, acc5=acc5, best_acc1=best['top1'],
-                       best_acc5=best['top5']), epoch)
+                       best_acc5=best['top5'], train_loss=train_loss,
+                       lr_classifier=groups[0]['lr'],
+                       lr_backbone=groups[1]['lr'] if len(groups) == 2 else 0), epoch)
     if run.args.weights == 'freeze':  # sanity check: the frozen backbone must not have moved
         changed = changed_keys(run.model.module, pretrained)
         if changed:
@@ -344,30 +388,33 @@ def end_epoch(run, epoch, val_loader, pretrained):
 
 def save_checkpoint(run, epoch, steps_done=0):
     """checkpoint.pth (rank 0) to continue at `epoch` after its first `steps_done` steps; the
-    reference's keys, plus step_in_epoch, args and classes (the training set's class names, in
-    the order of the classifier's outputs), which the reference ignores."""
+    reference's keys, plus step_in_epoch, args, classes (the training set's class names, in
+    the order of the classifier's outputs), data_order and pretrained_digest (what a resume
+    checks), which the reference ignores."""
     if run.info.is_main:
         state = dict(epoch=epoch, step_in_epoch=steps_done, best_acc=run.best_acc,
                      model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
                      scheduler=run.scheduler.state_dict(), args=checkpoint_args(run.args),
-                     classes=run.classes)
+                     classes=run.classes, data_order=run.order, pretrained_digest=run.digest)
         save_atomic(state, run.args.checkpoint_dir / 'checkpoint.pth')
 
 
 def train_one_epoch(run, epoch, first_step=0):
     """The epoch's steps from `first_step` on; on SIGTERM/SIGUSR1 (agreed by every rank at one
-    step) checkpoint there, requeue under SLURM after SIGUSR1, and raise Stopped."""
+    step) checkpoint there, requeue under SLURM after SIGUSR1, and raise Stopped. Returns the
+    mean training loss of the steps it ran (over all ranks)."""
     args, info, loader = run.args, run.info, run.loader
     seed_everything(args.seed, epoch, info.rank)
     loader.sampler.set_epoch(epoch)
     # a resumed epoch: the samples it has not seen yet
-    loader.sampler.start = min(first_step * loader.batch_size, loader.sampler.num_samples)
+    loader.sampler.start = min(first_step * loader.batch_size, loader.sampler.epoch_samples)
     # freeze: the whole model in eval mode as the reference, so BatchNorm statistics stay fixed
     # (the head is a Linear layer, which has no train/eval difference).
     run.model.train(args.weights == 'finetune')
     criterion = nn.CrossEntropyLoss()
     # First step with a non-finite loss on this rank, kept on the device (no wait per step).
     bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)  # sum, steps
     first = epoch * run.steps_per_epoch + first_step
     for step, (images, target) in enumerate(loader, start=first):
         output = run.model(images.to(info.device, non_blocking=True))
@@ -376,6 +423,8 @@ def train_one_epoch(run, epoch, first_step=0):
         loss.backward()
         run.optimizer.step()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+        loss_sum[0] += loss.detach()
+        loss_sum[1] += 1
         if step % args.print_freq == 0:
             log_step(run, epoch, step, loss)
         signum, _ = run.stop.agreed()
@@ -384,6 +433,10 @@ def train_one_epoch(run, epoch, first_step=0):
             stop_if_weights_non_finite(run.model, run.optimizer, args, epoch)
             stop_at(run, signum, epoch, step + 1 - epoch * run.steps_per_epoch)
     stop_if_non_finite(run, epoch, bad_step)
+    if info.world_size > 1:
+        dist.all_reduce(loss_sum)
+    total, steps = loss_sum.tolist()
+    return total / steps if steps else None  # resumed after the epoch's last step
 
 
 def log_step(run, epoch, step, loss):
@@ -516,9 +569,42 @@ def changed_keys(net, reference):
     return [k for k, v in reference.items() if not torch.equal(state[k].cpu(), v)]
 
 
-def resume(args, model, optimizer, scheduler, pretrained):
+def pretrained_digest(state):
+    """A fingerprint of the pretrained weights, so that a resumed fine-tuning (whose backbone
+    has moved away from them) can tell that it is resumed on the same FILE."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(state):
+        tensor = state[key].detach().cpu()
+        # as float32: the same weights read from an fp16/bf16 file or from the fp32 network
+        # they were loaded into give the same fingerprint
+        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        digest.update(key.encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_order(args, info, train_set):
+    """What decides which samples the rest of an epoch takes: a mid-epoch checkpoint continues
+    exactly only if all of it is unchanged."""
+    return dict(images=len(train_set), world_size=info.world_size, batch_size=args.batch_size,
+                seed=args.seed)
+
+
+ORDER_WORDS = dict(images='training images', world_size='processes',
+                   batch_size='--batch-size', seed='--seed')
+# Settings a resumed run may change at an epoch end: they apply from the resumed epoch on, and
+# the run names each one that changed (the kind of run and the backbone are refused instead).
+CHANGEABLE_SETTINGS = ('data', 'train_files', 'epochs', 'batch_size', 'lr_classifier',
+                       'lr_backbone', 'weight_decay', 'crop_size', 'seed')
+OPTIMIZER_SETTINGS = ('epochs', 'lr_classifier', 'lr_backbone', 'weight_decay')
+
+
+def resume(args, model, optimizer, scheduler, pretrained, order=None, digest=None):
     """Resume from checkpoint_dir/checkpoint.pth when present (ours or the reference's).
 
+    A checkpoint of another kind of run or backbone is refused; a mid-epoch one with another
+    data order (`order`, see data_order) too. Other settings may change: they apply from the
+    resumed epoch on (the cosine schedule laid over this run's --epochs), and rank 0 says which.
     Returns (epoch, steps already done in it, best accuracies so far)."""
     path = args.checkpoint_dir / 'checkpoint.pth'
     if not path.is_file():
@@ -533,6 +619,12 @@ def resume(args, model, optimizer, scheduler, pretrained):
         if key in saved and saved[key] != getattr(args, key):
             raise InputError(f'{path} was written with --{key.replace("_", "-")} {saved[key]}, '
                              f'this run has {getattr(args, key)}; use another --checkpoint-dir')
+    if digest and ckpt.get('pretrained_digest') not in (None, digest):
+        raise InputError(f'{path} was trained from other pretrained weights '
+                         f'({saved.get("pretrained", "another file")}) than {args.pretrained}; '
+                         f'use another --checkpoint-dir')
+    epoch, step = ckpt['epoch'], ckpt.get('step_in_epoch', 0)
+    check_data_order(path, ckpt, order, epoch, step)
     model.load_state_dict(match_state_dict(ckpt['model'], model, str(path)))
     if len(ckpt['optimizer'].get('param_groups', [])) != len(optimizer.param_groups):
         raise InputError(f'{path} holds a {"freeze" if args.weights == "finetune" else "finetune"}'
@@ -540,15 +632,64 @@ def resume(args, model, optimizer, scheduler, pretrained):
                          f'--checkpoint-dir')
     optimizer.load_state_dict(ckpt['optimizer'])
     scheduler.load_state_dict(ckpt['scheduler'])
-    if scheduler.T_max != args.epochs and distributed.world_info()[0] == 0:
-        print(f'note: {path} continues its cosine schedule over {scheduler.T_max} epochs; '
-              f'--epochs {args.epochs} only changes where training stops', flush=True)
     if args.weights == 'freeze' and changed_keys(model.module, pretrained):
         raise InputError(f'{path} was trained on another pretrained backbone than '
                          f'{args.pretrained}; use another --checkpoint-dir')
+    names = [k for k in CHANGEABLE_SETTINGS if k != 'lr_backbone' or args.weights == 'finetune']
+    changed = [(k, saved[k], getattr(args, k)) for k in names
+               if k in saved and str(saved[k]) != str(getattr(args, k))]
+    if scheduler.T_max != args.epochs and 'epochs' not in saved:  # the reference's records none
+        changed.insert(0, ('epochs', scheduler.T_max, args.epochs))
+    rates = [g['lr'] for g in optimizer.param_groups]  # of the epoch the checkpoint stopped in
+    if any(k in OPTIMIZER_SETTINGS for k, _, _ in changed):
+        follow_settings(args, optimizer, scheduler)
+    if changed and distributed.world_info()[0] == 0:
+        print(changed_settings_note(path, args, changed, epoch, rates, optimizer), flush=True)
     best = ckpt['best_acc']
     best = vars(best) if isinstance(best, argparse.Namespace) else best  # the reference's
-    return ckpt['epoch'], ckpt.get('step_in_epoch', 0), dict(top1=best['top1'], top5=best['top5'])
+    return epoch, step, dict(top1=best['top1'], top5=best['top5'])
+
+
+def check_data_order(path, ckpt, order, epoch, step):
+    """A mid-epoch checkpoint with another data order is refused: the rest of its epoch would
+    take other samples, some twice, some never."""
+    saved = ckpt.get('data_order') or {}
+    differ = [f'{ORDER_WORDS[k]} {saved[k]} then, {order[k]} now' for k in (order or {})
+              if k in saved and saved[k] != order[k]]
+    if step and differ:
+        raise InputError(f'{path} stopped at step {step} of epoch {epoch}, and the rest of that '
+                         f'epoch cannot be continued exactly ({"; ".join(differ)}); resume with '
+                         f'the same settings, or use another --checkpoint-dir')
+
+
+def follow_settings(args, optimizer, scheduler):
+    """This run's --epochs, learning rates and weight decay over a resumed optimizer: the cosine
+    schedule laid over --epochs from the given rates, at the epoch reached (the scheduler's
+    recursive steps then continue it)."""
+    bases = [args.lr_classifier, args.lr_backbone][:len(optimizer.param_groups)]
+    scheduler.T_max = args.epochs
+    scheduler.base_lrs = bases
+    for group, base in zip(optimizer.param_groups, bases):
+        group['initial_lr'] = base
+        group['weight_decay'] = args.weight_decay
+        group['lr'] = scheduler.eta_min + (base - scheduler.eta_min) * \
+            (1 + math.cos(math.pi * scheduler.last_epoch / args.epochs)) / 2
+    scheduler._last_lr = [group['lr'] for group in optimizer.param_groups]
+
+
+def changed_settings_note(path, args, changed, epoch, rates, optimizer):
+    """One line: what changed since `path` was written, and the learning rates that follow."""
+    flags = '; '.join(f'{"DIR" if k == "data" else "--" + k.replace("_", "-")} {old} then, '
+                      f'{new} now' for k, old, new in changed)
+    note = (f'note: resuming {path} at epoch {epoch} with settings changed since it was '
+            f'written, which apply from here on: {flags}')
+    if any(k in OPTIMIZER_SETTINGS for k, _, _ in changed):
+        names = ('classifier', 'backbone')
+        moves = ', '.join(f'{name} {old:.4g} -> {group["lr"]:.4g}' for name, old, group in
+                          zip(names, rates, optimizer.param_groups))
+        note += (f'; the cosine schedule is laid over --epochs {args.epochs} from these rates: '
+                 f'learning rate of this epoch {moves}')
+    return note
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,8 +709,10 @@ def build_datasets(args, transform):
 def subset_list_file(percent, train_files=None, cache_dir=None):
     """The subset list to use: --train-files, else the cached SimCLR list, downloaded once."""
     if train_files is not None:
-        if not Path(train_files).is_file():
+        if not Path(train_files).exists():
             raise InputError(f'--train-files {train_files} does not exist')
+        if not Path(train_files).is_file():
+            raise InputError(f'--train-files {train_files} is not a file')
         return Path(train_files)
     path = Path(cache_dir or default_subset_cache_dir()) / f'{percent}percent.txt'
     if path.is_file():
@@ -594,21 +737,34 @@ def subset_list_file(percent, train_files=None, cache_dir=None):
 
 
 def read_subset_list(path):
-    """The lines of a subset list: SimCLR's `<class>_<id>.JPEG` file names, or `<class>/<file>`
-    paths (for class names that contain `_`), one format per file."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f'cannot read subset list {path}: {e}') from None
-    names = [line.strip() for line in lines if line.strip()]
-    pattern = CLASS_FILE_LINE if names and '/' in names[0] else SUBSET_LINE
-    bad = [n for n in names if not pattern.fullmatch(n)]
-    if not names or bad:
-        example = f'; first bad line: {bad[0][:80]!r}' if bad else ' (it is empty)'
+    """The images of a subset list: SimCLR's `<class>_<id>.JPEG` file names, or `<class>/<file>`
+    paths (for class names that contain `_`), one format per file, read as every list is
+    (cli.read_lines: byte-order mark, line endings, blank lines and # comments). An image listed
+    twice is taken once: the list keeps its first place, and `repeated` on the result counts
+    the extra lines."""
+    lines = read_lines(path, 'subset list')
+    pattern = CLASS_FILE_LINE if lines and '/' in lines[0][1] else SUBSET_LINE
+    bad = [(number, n) for number, n in lines if not pattern.fullmatch(n)]
+    if not lines or bad:
+        example = f'; first bad line: {bad[0][1][:80]!r} (line {bad[0][0]})' if bad \
+            else ' (it lists no image)'
         raise InputError(f'{path} is not a subset list of file names such as '
                          f'n01440764_10026.JPEG or of <class>/<file> lines such as '
                          f'n01440764/n01440764_10026.JPEG{example}')
+    names = SubsetNames(dict.fromkeys(n for _, n in lines))
+    names.repeated = len(lines) - len(names)
     return names
+
+
+class SubsetNames(list):
+    """The distinct images of a subset list, in order; `repeated`: lines that named one again."""
+    repeated = 0
+
+
+def repeated_note(names):
+    repeated = getattr(names, 'repeated', 0)
+    return f' ({repeated} line(s) repeat an image listed before: each image counts once)' \
+        if repeated else ''
 
 
 def subset_list_format(names):
@@ -636,10 +792,34 @@ def select_subset(dataset, names, list_path):
     dataset.targets = [t for _, t in samples]
 
 
+def check_finetune_batches(args, info, sampler, per_rank):
+    """Fine-tuning trains the backbone's BatchNorm layers, which cannot normalise a batch of one
+    image: a step of 1 image per process is an error before training, and an epoch's last batch
+    of 1 image per process is dropped (on every rank alike), with a note."""
+    where = f'{sampler.num_samples * info.world_size} training image(s) over {info.world_size} ' \
+            f'process(es), --batch-size {args.batch_size}'
+    if per_rank < 2:
+        raise InputError(f'{where}: {per_rank} image per process per step; --weights finetune '
+                         f'trains BatchNorm, which needs at least 2: use a --batch-size of at '
+                         f'least {2 * info.world_size}')
+    if sampler.num_samples % per_rank == 1:
+        if sampler.num_samples == 1:
+            raise InputError(f'{where}: 1 image per process, which BatchNorm cannot normalise '
+                             f'(--weights finetune); use fewer processes or more images')
+        sampler.epoch_samples = sampler.num_samples - 1
+        if info.is_main:
+            print(f'note: {where} leave a last batch of 1 image per process in every epoch, '
+                  f'which BatchNorm cannot normalise (--weights finetune); it is dropped '
+                  f'({info.world_size} image(s) per epoch; another --batch-size avoids this)',
+                  file=sys.stderr, flush=True)
+
+
 def build_loaders(args, info, train_set, val_set):
     per_rank = args.batch_size // info.world_size
     sampler = EpochSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                            seed=args.seed)
+    if args.weights == 'finetune' and not (args.knn or args.fast_linear):
+        check_finetune_batches(args, info, sampler, per_rank)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=per_rank, num_workers=args.workers,
         pin_memory=info.device.type == 'cuda', sampler=sampler, worker_init_fn=ignore_stop_signals)
@@ -651,18 +831,38 @@ def build_loaders(args, info, train_set, val_set):
 # ---------------------------------------------------------------------------------------------
 
 def knn_main(info, args):
-    stats_log = open_stats_log(args, info)
-    # the bank is sharded: every process needs a training image; queries may be fewer
-    backbone, bank_set, val_set, per_rank = frozen_backbone_and_sets(info, args, ('training',))
-    start_time = time.time()
-    top1 = knn_evaluate(backbone, make_eval_loader(bank_set, per_rank, args.workers, info),
-                        make_eval_loader(val_set, per_rank, args.workers, info), info.device,
-                        len(bank_set.classes), args.knn_k, args.knn_temperature)
-    stats_log.write(dict(knn_top1=top1, temperature=args.knn_temperature,
-                         bank_size=len(bank_set), val_size=len(val_set),
-                         train_percent=args.train_percent, time=int(time.time() - start_time)), 0)
-    stats_log.close()
+    """kNN keeps nothing to resume from: a rerun evaluates again, and adds its line to the log
+    beside the earlier ones (several backbones can be compared in one log)."""
+    lock = lock_checkpoint_dir(args, info)
+    try:
+        stats_log = open_stats_log(args, info)
+        # the bank is sharded: every process needs a training image; queries may be fewer
+        backbone, bank_set, val_set, per_rank = frozen_backbone_and_sets(info, args,
+                                                                         ('training',))
+        if info.is_main:
+            say_earlier_runs(args, 'kNN', 'this one runs from the start and adds its line')
+        start_time = time.time()
+        top1 = knn_evaluate(backbone, make_eval_loader(bank_set, per_rank, args.workers, info),
+                            make_eval_loader(val_set, per_rank, args.workers, info), info.device,
+                            len(bank_set.classes), args.knn_k, args.knn_temperature)
+        stats_log.write(dict(knn_top1=top1, temperature=args.knn_temperature,
+                             bank_size=len(bank_set), val_size=len(val_set),
+                             train_percent=args.train_percent,
+                             time=int(time.time() - start_time)), 0)
+        stats_log.close()
+    finally:
+        if lock is not None:
+            lock.release()
     return top1
+
+
+def say_earlier_runs(args, kind, what_now):
+    log = args.checkpoint_dir / 'stats.txt'
+    earlier = [run for run in read_runs(log, strict=False) if run.kind == kind] \
+        if log.is_file() else []
+    if earlier:
+        print(f'evaluate.py: {log} holds {len(earlier)} earlier {kind} evaluation(s); '
+              f'{what_now}', flush=True)
 
 
 def frozen_backbone_and_sets(info, args, sharded):
@@ -687,11 +887,49 @@ def frozen_backbone_and_sets(info, args, sharded):
 # ---------------------------------------------------------------------------------------------
 
 def fast_linear_main(info, args):
+    lock = lock_checkpoint_dir(args, info)
+    try:
+        return fit_fast_linear(info, args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# What a linear.pth was fitted with: a rerun with other values would replace it with another
+# classifier, and is refused.
+FAST_LINEAR_SETTINGS = ('pretrained_digest', 'data', 'train_percent', 'train_files', 'arch',
+                        'cifar_stem', 'crop_size', 'weight_decay', 'lbfgs_steps')
+
+
+def check_fast_linear_rerun(args, info, digest):
+    """A rerun of the same fit fits again and replaces linear.pth (saying so); one with other
+    settings, or on another backbone, is refused: its classifier would replace the other's."""
+    path = args.checkpoint_dir / 'linear.pth'
+    if not path.is_file():
+        return
+    saved = load_checkpoint_file(path)
+    saved = dict(saved.get('args') or {}) if isinstance(saved, dict) else {}
+    now = dict(vars(args), pretrained_digest=digest)
+    differ = [('other pretrained weights' if k == 'pretrained_digest' else
+               f'{"DIR" if k == "data" else "--" + k.replace("_", "-")} {saved[k]} then, '
+               f'{now[k]} now')
+              for k in FAST_LINEAR_SETTINGS if k in saved and str(saved[k]) != str(now[k])]
+    if differ:
+        raise InputError(f'{path} was fitted with other settings ({"; ".join(differ)}); a fit '
+                         f'would replace it: use another --checkpoint-dir')
+    if info.is_main:
+        print(f'evaluate.py: {path} was fitted with the same settings; fitting again, it will '
+              f'be replaced', flush=True)
+
+
+def fit_fast_linear(info, args):
     """Features of DIR/train (or its subset) and DIR/val, each rank its shard, then the
-    classifier fitted on all of them; logs top-1/top-5 and writes linear.pth (rank 0)."""
+    classifier fitted on all of them; writes linear.pth (rank 0), then logs top-1/top-5."""
     stats_log = open_stats_log(args, info)
     backbone, train_set, val_set, per_rank = frozen_backbone_and_sets(
         info, args, ('training', 'validation'))
+    digest = pretrained_digest(backbone.state_dict())
+    check_fast_linear_rerun(args, info, digest)
     start_time = time.time()
     train_x, train_y = extract_features(backbone, make_eval_loader(
         train_set, per_rank, args.workers, info), info.device, normalize=False)
@@ -705,17 +943,19 @@ def fast_linear_main(info, args):
         raise InputError(f'the fast linear probe of {args.pretrained} is not finite (non-finite '
                          f'features or a diverged fit); nothing saved')
     acc = top_k_accuracy(classifier, val_x, val_y)
+    if info.is_main:
+        # the classifier's weights, with the class names of its outputs and the settings (the
+        # backbone it was fitted on: args['pretrained'] and its digest), before the log says
+        # that it was fitted
+        save_atomic(dict(classifier.state_dict(), classes=list(train_set.classes),
+                         args=dict(checkpoint_args(args), pretrained_digest=digest)),
+                    args.checkpoint_dir / 'linear.pth')
     stats_log.write(dict(fast_linear=dict(acc1=acc[1], acc5=acc[5]),
                          weight_decay=args.weight_decay, train_size=len(train_set),
                          val_size=len(val_set), train_percent=args.train_percent,
                          features_time=int(features_time), time=int(time.time() - start_time)),
                     0)
     stats_log.close()
-    if info.is_main:
-        # the classifier's weights, with the class names of its outputs and the settings (the
-        # backbone it was fitted on: args['pretrained'])
-        save_atomic(dict(classifier.state_dict(), classes=list(train_set.classes),
-                         args=checkpoint_args(args)), args.checkpoint_dir / 'linear.pth')
     return acc
 
 

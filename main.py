@@ -13,6 +13,7 @@ the backbone's state dict (resnet50.pth by default).
 """
 import argparse
 import dataclasses
+import json
 import math
 import random
 import sys
@@ -34,24 +35,27 @@ from augmentations import (IMAGENET_MEAN, IMAGENET_STD, CropTransform, FastTwoVi
 from backbones import ARCHS, build_backbone
 from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint_file,
                          match_state_dict, remove_temporaries, save_atomic)
-from cli import (ArgumentParser, InputError, crop_scale, default_workers, duration,
-                 non_negative_float, non_negative_int, positive_float, positive_int,
-                 probability_pair, unit_fraction)
+from cli import (USER_ERRORS, ArgumentParser, InputError, command_line, crop_scale,
+                 default_workers, duration, error_line, non_negative_float, non_negative_int,
+                 positive_float, positive_int, probability_pair, seed, unit_fraction)
 from data import (EpochSampler, SeededSamples, ignore_stop_signals, image_folder,
                   make_demo_dataset, make_eval_loader, seed_everything)
 from monitor import OnlineProbe, Progress, StatsLog
-from preemption import RunLock, StopRequests, Stopped
+from preemption import RunLock, StopRequests, Stopped, check_directory_kind
 
 # What `--demo` changes: a CPU-sized run on the synthetic dataset. Explicit flags still win.
-# --drop-last: 400 images are not a multiple of 64, and the reference's mis-scaled last batch
-# would put a spike in every epoch of so short a run. The ImageNet stem at 32 px is 6.5 times
-# cheaper than --cifar-stem, which buys 20 epochs in the time 4 took; LARS eta 0.005 (the CPU
-# recipe's) moves weights enough in 120 steps; crops of at least 80% of the image keep the shape
-# in both views, and no blur keeps its edges (the trials: BENCHMARKS.md, "The demo's settings").
+# The ImageNet stem at 32 px is 6.5 times cheaper than --cifar-stem; crops of at least 80% of
+# the image keep the shape in both views, and no blur keeps its edges. 16 epochs of 5 steps
+# fit in two minutes of a 2-core CPU; so few steps need larger ones than the reference's: LARS
+# eta 0.01, and the biases and BatchNorm parameters at the weights' rate (0.2, not 0.0048), which
+# lets the zero-initialised last BatchNorm of every residual branch grow: with the reference's
+# rates the branches stay nearly shut and the network scores below a random one (the trials:
+# BENCHMARKS.md, "The demo's settings"). --drop-last keeps a step of a few images out of a
+# short run when DIR holds other data.
 DEMO_DEFAULTS = dict(arch='resnet18', crop_size=32, projector='512-512-512', batch_size=64,
-                     epochs=20, warmup_epochs=1, min_scale=0.8, blur_prob=(0.0, 0.0),
-                     lars_eta=0.005, workers=2, print_freq=5, drop_last=True,
-                     checkpoint_dir=Path('./checkpoint/demo/'))
+                     epochs=16, warmup_epochs=1, min_scale=0.8, blur_prob=(0.0, 0.0),
+                     lars_eta=0.01, learning_rate_biases=0.2, workers=2, print_freq=5,
+                     drop_last=True, checkpoint_dir=Path('./checkpoint/demo/'))
 DEMO_DATA = Path('./demo_data')
 
 
@@ -143,7 +147,7 @@ def get_arguments():
     parser.add_argument('--drop-last', action='store_true',
                         help='drop each epoch\'s incomplete last batch (the reference keeps it '
                              'but still divides by the full batch size)')
-    parser.add_argument('--seed', default=0, type=int, help='seed for initialisation, data order '
+    parser.add_argument('--seed', default=0, type=seed, help='seed for initialisation, data order '
                         'and augmentations (each epoch reseeds, so resumed runs repeat exactly)')
     parser.add_argument('--checkpoint-every', default=None, type=duration, metavar='TIME',
                         help='also write checkpoint.pth in the middle of epochs every TIME (e.g. '
@@ -192,7 +196,8 @@ def parse_projector(text):
 
 def parse_arguments(argv=None):
     parser = get_arguments()
-    command = ' '.join(sys.argv if argv is None else ['main.py'] + list(argv))
+    command = command_line(sys.argv[0], sys.argv[1:]) if argv is None else \
+        command_line('main.py', argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     if '--demo' in argv:
         parser.set_defaults(**DEMO_DEFAULTS)
@@ -242,20 +247,23 @@ def check_arguments(args):
 def main(argv=None):
     args = parse_arguments(argv)
     try:
+        check_directory_kind(args.checkpoint_dir, 'pretraining')  # again under the run's lock
         if args.demo:
             make_demo_dataset(args.data)
         if not (Path(args.data) / 'train').is_dir():
             image_folder(args.data)  # raises the one-line error naming what is missing
         distributed.launch(main_worker, (args,), device=args.device)
-    except InputError as e:
-        sys.exit(f'main.py: error: {e}')
+    except USER_ERRORS as e:
+        sys.exit(f'main.py: error: {error_line(e)}')
+    except KeyboardInterrupt:  # before (or after) the run's own stop handling is in place
+        sys.exit('main.py: interrupted; checkpoints written before are kept')
 
 
 def main_worker(info, args):
     try:
         train(info, args)
-    except InputError as e:
-        print(f'main.py: error (rank {info.rank}): {e}', file=sys.stderr, flush=True)
+    except USER_ERRORS as e:
+        print(f'main.py: error (rank {info.rank}): {error_line(e)}', file=sys.stderr, flush=True)
         sys.exit(1)
     except Stopped as e:
         if info.is_main:
@@ -290,10 +298,14 @@ class Run:
 
     @property
     def steps_per_epoch(self):
-        # The full epoch's length, also while a resumed epoch's loader yields fewer batches.
-        sampler, batch = self.loader.sampler, self.loader.batch_size
-        return sampler.epoch_samples // batch if self.loader.drop_last \
-            else math.ceil(sampler.epoch_samples / batch)
+        return epoch_steps(self.loader)
+
+
+def epoch_steps(loader):
+    """The full epoch's length, also while a resumed epoch's loader yields fewer batches."""
+    sampler, batch = loader.sampler, loader.batch_size
+    return sampler.epoch_samples // batch if loader.drop_last \
+        else math.ceil(sampler.epoch_samples / batch)
 
 
 def train(info, args):
@@ -305,7 +317,7 @@ def train(info, args):
         if info.is_main:
             print_summary(args, already=True)
         return
-    lock = RunLock(args.checkpoint_dir).acquire() if info.is_main else None
+    lock = RunLock(args.checkpoint_dir, 'pretraining').acquire() if info.is_main else None
     try:
         if info.is_main:
             remove_temporaries(args.checkpoint_dir)
@@ -396,21 +408,41 @@ def print_summary(args, already=False):
         f'finished: {epochs} of {settings} on {data}'
     repo = Path(__file__).resolve().parent
     repo = '.' if repo == Path.cwd().resolve() else str(repo)
-    # the demo's evaluations: sized for its 400 images, their files beside the demo's own
-    knn_flags = f' --checkpoint-dir {ckdir / "knn"}' if args.demo else ''
-    probe_flags = f' --batch-size 64 --epochs 10 --checkpoint-dir {ckdir / "lincls"}' \
-        if args.demo else ''
+    # the demo's evaluations: sized for its 320 images, their files beside the demo's own;
+    # otherwise evaluate.py's default directories
+    knn_dir = ckdir / 'knn' if args.demo else Path('checkpoint/knn')
+    probe_dir = ckdir / 'lincls' if args.demo else Path('checkpoint/lincls')
+    knn_flags = ['--checkpoint-dir', knn_dir] if args.demo else []
+    probe_flags = ['--batch-size', 64, '--epochs', 10, '--checkpoint-dir', probe_dir] \
+        if args.demo else []
+    # Python string literals in double quotes, so that the shell quoting stays readable
+    hub = (f'import torch; net = torch.hub.load({python_string(repo)}, "backbone", '
+           f'source="local", weights={python_string(backbone)}); print(type(net).__name__)')
+    logs = [ckdir / 'stats.txt', knn_dir / 'stats.txt', probe_dir / 'stats.txt']
     print(f'main.py: {head}.\n'
           f'  {backbone}  the backbone\'s weights (torchvision layout, no fc)\n'
           f'  {ckdir / "checkpoint.pth"}  the whole model and optimizer (also records the '
           f'settings)\n'
-          f'  {ckdir / "stats.txt"}  the log (python plot.py {ckdir / "stats.txt"} draws it)\n'
+          f'  {ckdir / "stats.txt"}  the log ({shell("python", "plot.py", logs[0])} draws it)\n'
           f'Next (evaluate.py takes --arch, --cifar-stem and --crop-size from '
           f'{ckdir / "checkpoint.pth"}):\n'
-          f'  python evaluate.py {data} {backbone} --knn{knn_flags}  # weighted kNN top-1\n'
-          f'  python evaluate.py {data} {backbone}{probe_flags}  # linear probe\n'
-          f'  python -c "import torch; net = torch.hub.load(\'{repo}\', \'backbone\', '
-          f'source=\'local\', weights=\'{backbone}\'); print(type(net).__name__)"', flush=True)
+          f'  {shell("python", "evaluate.py", data, backbone, "--knn", *knn_flags)}  '
+          f'# weighted kNN top-1\n'
+          f'  {shell("python", "evaluate.py", data, backbone, *probe_flags)}  # linear probe\n'
+          f'  {shell("python", "plot.py", *logs, "-o", ckdir / "curves.png")}  '
+          f'# the three logs side by side\n'
+          f'  {shell("python", "-c", hub)}', flush=True)
+
+
+def shell(*words):
+    """A command a user can paste: each word quoted as a shell needs it (spaces, quotes,
+    non-ASCII names)."""
+    return command_line(words[0], words[1:])
+
+
+def python_string(value):
+    """A Python string literal of `value` in double quotes (json's escapes are Python's too)."""
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def build_run(info, args):
@@ -423,7 +455,7 @@ def build_run(info, args):
     loader = build_loader(args, info)
     probe = build_probe(args, info, model, loader.dataset.dataset)
     start_epoch, start_step = resume(args, model, optimizer, scaler, probe,
-                                     data_order(args, info, loader))
+                                     data_order(args, info, loader), epoch_steps(loader))
     progress = Progress(len(loader), args.epochs, args.batch_size, info.is_main)
     run = Run(args, info, model, optimizer, scaler, loader, precision, log, progress,
               StopRequests(info.world_size, info.device), probe,
@@ -438,6 +470,8 @@ def build_run(info, args):
             args.seed, info.rank)
     if info.is_main:
         print_provenance(run)
+        for note in loader.notes:  # after every check: a run refused gets its one error line
+            print(f'note: {note}', file=sys.stderr, flush=True)
     return run, start_epoch, start_step
 
 
@@ -754,19 +788,24 @@ def build_loader(args, info):
     sampler = EpochSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                            seed=args.seed)
     per_process = args.batch_size // info.world_size
-    check_epoch_steps(args, info, len(dataset), sampler, per_process)
-    return torch.utils.data.DataLoader(
+    notes = check_epoch_steps(args, info, len(dataset), sampler, per_process)
+    loader = torch.utils.data.DataLoader(
         dataset, batch_size=per_process, num_workers=args.workers,
         pin_memory=info.device.type == 'cuda', sampler=sampler, drop_last=args.drop_last,
         worker_init_fn=ignore_stop_signals)
+    loader.notes = notes
+    return loader
 
 
 def check_epoch_steps(args, info, images, sampler, per_process):
     """Every step needs at least 2 images per process: BatchNorm (the projector's, and the
     online probe's, which is per process) cannot normalise one. An epoch without steps, or with
     only such steps, is an error before training; a last batch of one image per process is
-    dropped (on every rank alike: the sampler gives each the same count), with a note."""
+    dropped (on every rank alike: the sampler gives each the same count), with a note. A last
+    batch of two images in one process is kept, with a note of what its step does. The notes
+    are returned, to be printed once every other check of the run has passed."""
     where = f'{images} images, --batch-size {args.batch_size} over {info.world_size} process(es)'
+    notes = []
     if per_process < 2:
         raise InputError(f'{where}: {per_process} image per process per step; BatchNorm needs at '
                          f'least 2, use a --batch-size of at least {2 * info.world_size}')
@@ -779,11 +818,17 @@ def check_epoch_steps(args, info, images, sampler, per_process):
             raise InputError(f'{where}: 1 image per process, which BatchNorm cannot normalise; '
                              f'use fewer processes or more images')
         sampler.epoch_samples = sampler.num_samples - 1
-        if info.is_main:
-            print(f'note: {where} leave a last batch of 1 image per process in every epoch, '
-                  f'which BatchNorm cannot normalise; it is dropped ({info.world_size} image(s) '
-                  f'per epoch; --drop-last or another --batch-size avoids this)',
-                  file=sys.stderr, flush=True)
+        notes.append(f'{where} leave a last batch of 1 image per process in every epoch, '
+                     f'which BatchNorm cannot normalise; it is dropped ({info.world_size} '
+                     f'image(s) per epoch; --drop-last or another --batch-size avoids this)')
+    if not args.drop_last and info.world_size == 1 and sampler.num_samples % per_process == 2:
+        # kept, as the reference keeps it; said, since its step is not a step of the method
+        notes.append(f'{where} leave a last batch of 2 images in every epoch; BatchNorm over 2 '
+                     f'images gives -1 and +1 whatever its input, so the layers before the '
+                     f'projector\'s BatchNorm get almost no gradient, and LARS scales what is '
+                     f'left up to a full-size step in an arbitrary direction (--drop-last or '
+                     f'another --batch-size avoids this)')
+    return notes
 
 
 def knn_monitor(run, epoch):
@@ -868,11 +913,13 @@ def check_data_order(path, ckpt, order):
                          f'another --checkpoint-dir')
 
 
-def resume(args, model, optimizer, scaler, probe=None, order=None):
+def resume(args, model, optimizer, scaler, probe=None, order=None, steps_per_epoch=None):
     """Resume from checkpoint_dir/checkpoint.pth when present (ours or the reference's).
 
-    `order` (data_order) is checked against the checkpoint's. Returns (epoch, steps already done
-    in that epoch)."""
+    `order` (data_order) is checked against the checkpoint's. Settings given other values than
+    the checkpoint records apply from the resumed step on, and with `steps_per_epoch` (the first
+    resume of a run, not a rollback) rank 0 names them. Returns (epoch, steps already done in
+    that epoch)."""
     path = args.checkpoint_dir / 'checkpoint.pth'
     if not path.is_file():
         return 0, 0
@@ -896,12 +943,20 @@ def resume(args, model, optimizer, scaler, probe=None, order=None):
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
         raise InputError(f'{path}: optimizer state does not match this model: {e}') from None
+    last_rate = optimizer.param_groups[0]['lr']  # of the last step trained
     for group in optimizer.param_groups:
         # The earlier release's filter function means "skip 1-D tensors", which True says too;
         # keeping a function would make our own checkpoints need the full unpickler.
         for key in ('weight_decay_filter', 'lars_adaptation_filter'):
             if group[key] is exclude_bias_and_norm:
                 group[key] = True
+        # The optimizer's state dict holds these too. Where the checkpoint records the flags
+        # (ours), this run's flags win, as they do for the learning rates, and a change is
+        # named below; the reference's own checkpoints keep their values, as the reference does.
+        for key, flag, default in (('weight_decay', 'weight_decay', 1e-6),
+                                   ('eta', 'lars_eta', 0.001), ('clip_lr', 'lars_clip_lr', False)):
+            if flag in saved:
+                group[key] = getattr(args, flag, default)
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     if probe is not None and ckpt.get('probe'):
@@ -913,7 +968,60 @@ def resume(args, model, optimizer, scaler, probe=None, order=None):
                              f'use --no-online-probe or another --checkpoint-dir') from None
     args.lr_scale = float(ckpt.get('lr_scale', 1.0))  # lowered by earlier --rollbacks
     args.rollbacks_done = int(ckpt.get('rollbacks_done', 0))
-    return ckpt['epoch'], ckpt.get('step_in_epoch', 0)
+    epoch, step = ckpt['epoch'], ckpt.get('step_in_epoch', 0)
+    if epoch > args.epochs or (epoch == args.epochs and step):
+        done = f'{epoch} epoch(s)' + (f' and {step} step(s)' if step else '')
+        raise InputError(f'{path} has trained {done}, past --epochs {args.epochs}: give '
+                         f'--epochs {epoch + 1 if step else epoch} or more to continue it, or '
+                         f'another --checkpoint-dir')
+    changed = changed_settings(saved, args)
+    if changed and steps_per_epoch and distributed.world_info()[0] == 0:
+        print(changed_settings_note(path, args, changed, epoch, step, last_rate,
+                                    steps_per_epoch), flush=True)
+    return epoch, step
+
+
+# Settings a run resumed at an epoch end may change, as in the reference (more --epochs, say):
+# they apply from the resumed step on, and the run names each one that changed. (The model's
+# shape is refused in resume(); a mid-epoch checkpoint refuses what decides the rest of its
+# epoch, check_data_order.)
+CHANGEABLE_SETTINGS = ('data', 'epochs', 'warmup_epochs', 'batch_size', 'learning_rate',
+                       'learning_rate_weights', 'learning_rate_biases', 'scale_loss', 'lambd',
+                       'weight_decay', 'lars_eta', 'lars_clip_lr', 'crop_size', 'min_scale',
+                       'blur_prob', 'solarize_prob', 'seed', 'drop_last', 'exact_gradient',
+                       'reference_world_size', 'precision', 'online_probe', 'fast_augment')
+SCHEDULE_SETTINGS = ('epochs', 'warmup_epochs', 'batch_size', 'learning_rate',
+                     'learning_rate_weights', 'learning_rate_biases')
+
+
+def setting_text(value):
+    if isinstance(value, (tuple, list)):
+        return ','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value)
+    return 'unset' if value is None else str(value)
+
+
+def changed_settings(saved, args, names=CHANGEABLE_SETTINGS):
+    """[(name, recorded value, this run's value)] of the settings that differ."""
+    return [(k, saved[k], getattr(args, k)) for k in names
+            if k in saved and setting_text(saved[k]) != setting_text(getattr(args, k))]
+
+
+def changed_settings_note(path, args, changed, epoch, step, last_rate, steps_per_epoch):
+    """One line: what changed since `path` was written, and where the learning rate goes."""
+    flags = '; '.join(f'{"DIR" if k == "data" else "--" + k.replace("_", "-")} '
+                      f'{setting_text(old)} then, {setting_text(new)} now'
+                      for k, old, new in changed)
+    note = (f'note: resuming {path} at epoch {epoch}, step {step} of the epoch, with settings '
+            f'changed since it was written, which apply from here on: {flags}')
+    if any(k in SCHEDULE_SETTINGS for k, _, _ in changed) and \
+            epoch * steps_per_epoch + step < args.epochs * steps_per_epoch:  # a step is left
+        rate = learning_rate_schedule(epoch * steps_per_epoch + step, steps_per_epoch,
+                                      args.epochs, args.batch_size, args.warmup_epochs)
+        rate *= args.lr_scale * (args.learning_rate if args.learning_rate is not None
+                                 else args.learning_rate_weights)
+        note += (f'; the learning-rate schedule follows them: the weights\' rate (lr_weights) '
+                 f'goes from {last_rate:.4g} at the last step trained to {rate:.4g} at the next')
+    return note
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1081,6 +1189,9 @@ class LARS(optim.Optimizer):
                     param_norm = torch.norm(p)
                     update_norm = torch.norm(dp)
                     one = torch.ones_like(param_norm)
+                    # the reference's arithmetic: an update so small against ||p|| that the
+                    # ratio overflows gives an inf step (the run then stops on non-finite
+                    # weights); --lars-foreach and --compile take ratio 1 there instead
                     q = torch.where(param_norm > 0.,
                                     torch.where(update_norm > 0,
                                                 (g['eta'] * param_norm / update_norm), one), one)
@@ -1171,8 +1282,8 @@ class LARS(optim.Optimizer):
         """
         param_norm = torch.stack(torch._foreach_norm(params))  # (n,)
         update_norm = torch.stack(torch._foreach_norm(updates))
-        q = torch.where((param_norm > 0) & (update_norm > 0), g['eta'] * param_norm / update_norm,
-                        torch.ones_like(param_norm))
+        ratio = g['eta'] * param_norm / update_norm  # inf where ||update|| is 0 or too small
+        q = torch.where((param_norm > 0) & (ratio < math.inf), ratio, torch.ones_like(param_norm))
         q = self._clipped(q, g).to(updates[0].dtype)
         sizes = [u.numel() for u in updates]
         # (total,): tensor i's index repeated numel_i times; output_size given, so no read-back
@@ -1205,7 +1316,8 @@ def lars_update(params, grads, mus, lrs, settings, groups):
         if adapt:
             param_norm = torch.linalg.vector_norm(p)
             update_norm = torch.linalg.vector_norm(update)
-            q = torch.where((param_norm > 0) & (update_norm > 0), eta * param_norm / update_norm,
+            ratio = eta * param_norm / update_norm  # inf where ||update|| is 0 or too small
+            q = torch.where((param_norm > 0) & (ratio < math.inf), ratio,
                             torch.ones_like(param_norm))
             if clip:
                 q = (q / lr).clamp(max=1.0)

@@ -18,31 +18,45 @@ from cli import InputError
 
 class StatsLog:
     """stats.txt in the reference's format (the command line, then one JSON object per line),
-    echoed to stdout, and optionally to TensorBoard. A no-op on ranks other than 0."""
+    echoed to stdout, and optionally to TensorBoard. A no-op on ranks other than 0.
+
+    The command line is printed at once, but the file gets it with the run's first line: a run
+    that fails before logging anything (a refused resume, a bad setting) leaves the directory's
+    log as it was."""
 
     def __init__(self, path, command, enabled, tensorboard_dir=None):
         self.file = self.tensorboard = None
+        self.enabled = enabled
         if not enabled:
             return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, 'a', buffering=1)
-        except OSError as e:
-            raise InputError(f'cannot write {path}: {e.strerror or e}') from None
-        self.path = path
-        print(command, flush=True)
-        self._append(command)
+        self.path, self.command, self.tensorboard_dir = path, command, tensorboard_dir
+        if path.exists() and not path.is_file():
+            raise InputError(f'cannot write {path}: it is not a file')
         if tensorboard_dir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - checked now
             except ImportError:
                 raise InputError('--tensorboard needs the tensorboard package: '
                                  'pip install tensorboard') from None
-            self.tensorboard = SummaryWriter(str(tensorboard_dir))
+        print(command, flush=True)
+
+    def _open(self):
+        if self.file is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, 'a', buffering=1)
+        except OSError as e:
+            raise InputError(f'cannot write {self.path}: {e.strerror or e}') from None
+        self._append(self.command)
+        if self.tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(self.tensorboard_dir))
 
     def write(self, stats, global_step):
-        if self.file is None:
+        if not self.enabled:
             return
+        self._open()
         line = json.dumps(stats)
         print(line, flush=True)
         self._append(line)
@@ -53,8 +67,9 @@ class StatsLog:
 
     def note(self, text):
         """A plain-text line (not JSON, so readers of the stats skip it), also on stderr."""
-        if self.file is None:
+        if not self.enabled:
             return
+        self._open()
         print(text, file=sys.stderr, flush=True)
         self._append(text)
 

@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from cli import ArgumentParser, InputError, non_negative_int, positive_int
-from data import (PACK_FORMAT, PACK_SUFFIXES, PACK_VERSION, check_folder_links, decode_rgb,
-                  hdf5_reason, import_tables, open_pack, pack_split_group, read_strings)
+from cli import (USER_ERRORS, ArgumentParser, InputError, error_line, non_negative_int,
+                 positive_int)
+from data import (PACK_FORMAT, PACK_SUFFIXES, PACK_VERSION, check_folder_links,
+                  check_split_arrays, decode_rgb, hdf5_reason, import_tables, open_pack,
+                  read_strings)
 
 PROGRESS_SECONDS = 10
 CHUNK = 16  # images per job sent to a worker
@@ -65,13 +67,16 @@ def main(argv=None):
         parser.error('--check FILE takes no DIR or output FILE')
     if args.check is None and args.output is None:
         parser.error('give the dataset folder DIR and the output FILE (or --check FILE)')
+    repeated = sorted({s for s in args.splits if args.splits.count(s) > 1})
+    if repeated:
+        parser.error(f'--splits names {", ".join(repeated)} twice')
     try:
         if args.check is not None:
             check(args.check, args.workers)
         else:
             pack(args)
-    except InputError as e:
-        sys.exit(f'pack.py: error: {e}')
+    except USER_ERRORS as e:
+        sys.exit(f'pack.py: error: {error_line(e)}')
     except KeyboardInterrupt:
         sys.exit('pack.py: interrupted; rerun the same command to continue')
 
@@ -81,14 +86,17 @@ def main(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 def pack(args):
-    """List every split first (a missing val fails in seconds, not after train), then pack."""
+    """Check the output, list every split (a missing val fails in seconds, not after train),
+    then pack. A rerun continues where the last commit left off; a file from another source or
+    with other files is refused (split_group)."""
     if not args.source.is_dir():
         raise InputError(f'source directory {args.source} does not exist')
+    check_output(args.output)
+    tables = import_tables(args.output)
     listings = {split: list_split(args.source, split) for split in args.splits}
     if args.output.suffix.lower() not in PACK_SUFFIXES:
         print(f'pack.py: warning: main.py and evaluate.py recognise a packed file by its name '
               f'ending in {" or ".join(PACK_SUFFIXES)}', file=sys.stderr)
-    tables = import_tables(args.output)
     try:
         with worker_pool(args.workers) as pool, open_output(args.output) as h5:
             record_splits(h5, args.splits)
@@ -194,11 +202,18 @@ def check_utf8(folder, name):
                          f'shown as \ufffd); rename it, e.g. with convmv, and rerun') from None
 
 
+def check_output(path):
+    """Before the source is listed (minutes on ImageNet): the output can be written there."""
+    if path.is_dir():
+        raise InputError(f'cannot write {path}: it is a directory')
+    if not path.parent.is_dir():
+        raise InputError(f'cannot write {path}: directory {path.parent} does not exist')
+
+
 def open_output(path):
     """The output opened for appending; a file that pack.py did not write is never touched."""
     tables = import_tables(path)
-    if path.is_dir():
-        raise InputError(f'cannot write {path}: it is a directory')
+    check_output(path)
     if path.exists() and never_started(path):
         path.unlink()  # left by a pack that failed before writing anything (a full disk)
     if path.exists():
@@ -208,8 +223,6 @@ def open_output(path):
             raise InputError(f'{path} was written by another version of pack.py '
                              f'(format {h5.root._v_attrs.version}); write to a new file')
         return h5
-    if not path.parent.is_dir():
-        raise InputError(f'cannot write {path}: directory {path.parent} does not exist')
     try:
         h5 = tables.open_file(str(path), 'w')
     except (OSError, tables.HDF5ExtError) as e:
@@ -522,26 +535,6 @@ def claimed_splits(h5):
     listed = json.loads(getattr(h5.root._v_attrs, 'splits', '[]'))
     present = sorted(g._v_name for g in h5.iter_nodes('/', 'Group'))
     return listed + [s for s in present if s not in listed]
-
-
-def check_split_arrays(h5, path, split):
-    group = pack_split_group(h5, path, split)
-    try:
-        read_strings(group.names), read_strings(group.classes)
-    except UnicodeDecodeError:
-        raise InputError(f'{path}:{split} is inconsistent: names that are not UTF-8') from None
-    offsets, labels = group.offsets.read(), group.labels.read()
-    n = len(labels)
-    problems = []
-    if not (len(offsets) == n + 1 and group.names.nrows == n == group._v_attrs.packed):
-        problems.append(f'{n} labels, {group.names.nrows} names, {len(offsets)} offsets')
-    elif offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != group.data.nrows:
-        problems.append('offsets do not cut the data into non-empty images')
-    if n and (labels.min() < 0 or labels.max() >= group.classes.nrows):
-        problems.append('labels out of the class range')
-    if problems:
-        raise InputError(f'{path}:{split} is inconsistent: {"; ".join(problems)}')
-    return n
 
 
 def decode_range(job):

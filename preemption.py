@@ -1,4 +1,5 @@
-"""Surviving interruptions: stop signals, one run per checkpoint directory, checkpoint cadence.
+"""Surviving interruptions: stop signals, one run per checkpoint directory (and one kind of run),
+checkpoint cadence.
 
 SLURM sends SIGUSR1 shortly before a preemption or the time limit (sbatch --signal USR1@120) and
 SIGTERM on `scancel`; torchrun sends SIGTERM to its workers before an elastic restart; Ctrl-C
@@ -17,11 +18,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from checkpoints import checkpoint_kind
 from cli import InputError
+from stats import KIND_COMMANDS, kinds_in_log
 
 # SIGINT (Ctrl-C) too, so that it ends like a SIGTERM: checkpoint written, one line, exit 0.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -135,16 +139,57 @@ def stop_signals_end_it(is_main, what):
             signal.signal(sig, handler)
 
 
+# Where each kind of run goes when a directory holds another (suggested in the refusal).
+KIND_SUBDIRS = {'linear probe': 'lincls', 'fine-tuning': 'finetune', 'kNN': 'knn',
+                'fast linear probe': 'fast_linear'}
+
+
+def check_directory_kind(directory, kind):
+    """Refuse a checkpoint directory that holds another kind of run (see stats.KINDS): its
+    stats.txt would hold two kinds of log, and a resume could pick up the other run's files.
+    Evidence: the runs of its stats.txt, its checkpoint.pth, a linear.pth."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    found = kinds_in_log(directory / 'stats.txt')
+    checkpoint = directory / 'checkpoint.pth'
+    if checkpoint.is_file():
+        other = checkpoint_kind(checkpoint)
+        if other is not None:
+            found.setdefault(other, str(checkpoint))
+        elif kind in ('kNN', 'fast linear probe'):  # they write none: it is another run's
+            raise InputError(f'{directory} holds a checkpoint.pth, which a {kind} run does not '
+                             f'write: use another --checkpoint-dir, e.g. '
+                             f'{directory / KIND_SUBDIRS[kind]}')
+    if (directory / 'linear.pth').is_file():
+        found.setdefault('fast linear probe', str(directory / 'linear.pth'))
+    others = [(k, where) for k, where in found.items() if k != kind]
+    if not others:
+        return
+    other, where = others[0]
+    # beside a pretraining run's files, as its evaluations are; beside another evaluation's
+    # directory, not inside it
+    home = directory if other == 'pretraining' else directory.parent
+    instead = f', e.g. {home / KIND_SUBDIRS[kind]}' if kind in KIND_SUBDIRS else ''
+    raise InputError(f'{directory} holds a {other} run ({KIND_COMMANDS[other]}; {where}), this '
+                     f'is a {kind} run ({KIND_COMMANDS[kind]}): their files and logs would mix; '
+                     f'use another --checkpoint-dir{instead}')
+
+
 class RunLock:
     """An exclusive lock on a checkpoint directory for the life of a run (rank 0 holds it).
 
     flock is released by the kernel when the process dies, even by SIGKILL, so a crashed run
-    never leaves a stale lock; the file's text only says who holds it.
+    never leaves a stale lock; the file's text only says who holds it. With `kind`, the
+    directory is checked under the lock to hold no other kind of run (check_directory_kind).
+    A directory the lock created is removed again on release when the run left nothing in it.
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, kind=None):
         self.path = directory / '.lock'
+        self.kind = kind
         self.fd = None
+        self.created = []  # the folders _open made, deepest first
 
     def acquire(self):
         while True:
@@ -154,6 +199,7 @@ class RunLock:
             except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors='replace').strip() or 'unknown process'
                 os.close(fd)
+                self._remove_created()
                 raise InputError(f'{self.path.parent} is in use by another run ({holder}); wait '
                                  f'for it to finish or use another --checkpoint-dir') from None
             if self._still_there(fd):
@@ -166,13 +212,23 @@ class RunLock:
         except OSError as e:  # a full disk: the directory could not take a checkpoint either
             self.path.unlink(missing_ok=True)  # ours while we hold the lock; no empty .lock left
             os.close(fd)
+            self._remove_created()
             raise InputError(f'cannot write to {self.path.parent}: {e.strerror or e}') from None
         self.fd = fd
+        if self.kind is not None:
+            try:  # under the lock: no other run can start writing between check and use
+                check_directory_kind(self.path.parent, self.kind)
+            except InputError:
+                self.release()
+                raise
         return self
 
     def _open(self):
         try:
+            missing = [d for d in (self.path.parent, *self.path.parent.parents)
+                       if not d.exists()]
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.created = self.created or [d for d in missing if d.is_dir()]
             return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise InputError(f'cannot write to {self.path.parent}: {e.strerror or e}') from None
@@ -182,6 +238,16 @@ class RunLock:
             return os.stat(self.path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             return False
+
+    def _remove_created(self):
+        """Folders this lock made that are still empty: a run that failed before writing
+        anything leaves the user's tree as it found it."""
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (the run wrote there), or gone: the folders above stay too
+        self.created = []
 
     def release(self):
         """Remove the file, then unlock: a finished run leaves no .lock behind. (A run that
@@ -194,3 +260,4 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+            self._remove_created()

@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 import torchvision
 
-from cli import ArgumentParser, InputError, non_negative_int, positive_int
+from cli import (USER_ERRORS, ArgumentParser, InputError, command_line, error_line,
+                 non_negative_int, positive_int)
 
 DATASETS = ('cifar10', 'cifar100', 'fashion-mnist')
 # Fashion-MNIST's labels 0-9; '/' cannot be in a folder name.
@@ -57,26 +58,33 @@ def get_arguments():
                         help='keep the first N training images of each class (default 0: all)')
     parser.add_argument('--val-per-class', type=non_negative_int, default=0, metavar='N',
                         help='keep the first N test images of each class (default 0: all)')
-    parser.add_argument('--size', type=positive_int, default=32, metavar='PX',
-                        help='side of the written Fashion-MNIST images (default 32; CIFAR keeps '
-                             'its 32 px)')
+    parser.add_argument('--size', type=positive_int, default=None, metavar='PX',
+                        help='side of the written Fashion-MNIST images (default 32, the size '
+                             'the CIFAR recipes use; CIFAR keeps its own 32 px)')
     return parser
 
 
 def main(argv=None):
-    args = get_arguments().parse_args(argv)
+    parser = get_arguments()
+    args = parser.parse_args(argv)
+    if args.size is not None and args.dataset != 'fashion-mnist':
+        parser.error(f'--size resizes Fashion-MNIST; {args.dataset} keeps its 32 px images')
+    args.size = args.size or 32
     try:
         if args.out.exists():
             raise InputError(f'{args.out} already exists; remove it or choose another OUT')
         source = args.source if args.source is not None else download(args.dataset,
                                                                       args.download_dir)
         counts = write_dataset(args, source)
-    except InputError as e:
-        sys.exit(f'prepare_data.py: error: {e}')
+    except USER_ERRORS as e:
+        sys.exit(f'prepare_data.py: error: {error_line(e)}')
+    except KeyboardInterrupt:
+        sys.exit(f'prepare_data.py: interrupted; {args.out} was not written')
+    train = command_line('python', ['main.py', args.out, '--arch', 'resnet18', '--cifar-stem',
+                                    '--crop-size', '32'])
     print(f'prepare_data.py: wrote {args.out} ({args.dataset}: '
           + ', '.join(f'{split} {n} images' for split, n in counts.items())
-          + f'); train on it with: python main.py {args.out} --arch resnet18 --cifar-stem '
-            f'--crop-size 32', flush=True)
+          + f'); train on it with: {train}', flush=True)
 
 
 def download(dataset, root):
@@ -98,9 +106,12 @@ def write_dataset(args, source):
     read = read_fashion_mnist if args.dataset == 'fashion-mnist' else read_cifar
     splits = {split: read(source, split, args.dataset) for split in ('train', 'val')}
     limits = {'train': args.train_per_class, 'val': args.val_per_class}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f'.{args.out.name}.tmp-', dir=args.out.parent))
+    # the folders above OUT that this run creates go again if it fails
+    created = [d for d in (args.out.parent, *args.out.parent.parents) if not d.exists()]
+    work = None
     try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f'.{args.out.name}.tmp-', dir=args.out.parent))
         counts = {}
         for split, (images, labels, classes) in splits.items():
             keep = first_per_class(labels, len(classes), limits[split])
@@ -110,10 +121,17 @@ def write_dataset(args, source):
                 folder.mkdir(parents=True, exist_ok=True)
                 to_rgb(images[index], args.size).save(folder / f'{index:05d}.png')
         os.replace(work, args.out)
+        created = []
     except OSError as e:
         raise InputError(f'cannot write {args.out}: {e.strerror or e}') from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return counts
 
 
@@ -147,10 +165,18 @@ def read_fashion_mnist(folder, split, dataset=None):
     labels = read_idx(find_file(folder, label_name), expected_dims=1)
     if len(images) != len(labels):
         raise InputError(f'{folder}: {len(images)} {split} images but {len(labels)} labels')
-    if labels.size and labels.max() >= len(FASHION_CLASSES):
-        raise InputError(f'{folder}/{label_name}: label {labels.max()} is not a Fashion-MNIST '
-                         f'class (0-9)')
-    return images, labels.astype(np.int64), FASHION_CLASSES
+    labels = labels.astype(np.int64)
+    check_labels(labels, FASHION_CLASSES, f'{folder}/{label_name}', 'Fashion-MNIST')
+    return images, labels, FASHION_CLASSES
+
+
+def check_labels(labels, classes, where, dataset):
+    """Every label names one of the classes: both readers check this alike, so that a damaged
+    file never files an image under a wrong class (a negative label would index from the end)."""
+    bad = labels[(labels < 0) | (labels >= len(classes))]
+    if bad.size:
+        raise InputError(f'{where}: label {int(bad[0])} is not a {dataset} class (0 to '
+                         f'{len(classes) - 1}; {bad.size} such label(s))')
 
 
 def find_file(folder, name):
@@ -200,6 +226,7 @@ def read_cifar(root, split, dataset):
         raise InputError(f'{folder}: not the python version of {dataset} ({e})') from None
     if len(images) != len(labels):
         raise InputError(f'{folder}: {len(images)} {split} images but {len(labels)} labels')
+    check_labels(labels, classes, f'{folder} ({split})', dataset)
     return images, labels, classes
 
 

@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class SimulatedKill(BaseException):
+    """A process killed at this point: nothing after it runs. Not KeyboardInterrupt, which
+    main.py's entry point turns into a one-line exit as a user's Ctrl+C."""
 sys.path.insert(0, str(ROOT))
 # Tests must not depend on the network or on a GPU being present.
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')

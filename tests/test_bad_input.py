@@ -427,7 +427,7 @@ CASES = [
     Case('loss-becomes-nan', 'evaluate', lambda t: eval_args(t, '--lr-classifier', '1e30'), 1,
          ['non-finite', 'epoch 0', 'unchanged']).param(),
     Case('main-checkpoint-in-checkpoint-dir', 'evaluate', eval_args, 1,
-         ['checkpoint.pth', 'not an evaluate.py checkpoint'], setup=copy_run).param(),
+         ['holds a pretraining run', 'use another --checkpoint-dir'], setup=copy_run).param(),
     Case('legit-knn-on-full-checkpoint-grey-cmyk-png', 'evaluate',
          lambda t: eval_args(t, '--knn', pretrained=t.pre.checkpoint), None, check=check_knn_legit,
          setup=lambda t: setattr(t, 'added', add_legit_images(t))).param(),

@@ -123,6 +123,43 @@ def test_slurm_step_on_the_cpu_is_one_gloo_rank_per_task():
     assert plan({}, 'cuda', 4).nprocs == 4 and plan({}, 'cpu', 0).nprocs == 1
 
 
+def torchrun_env(node_rank, local_rank, nnodes=2, per_node=8):
+    """What `torchrun --nnodes 2 --node-rank N --nproc-per-node 8 --master-addr machine-a
+    --master-port 29500` gives each process it starts (the README's two machines without a
+    scheduler; torchrun's static rendezvous on machine-a:29500)."""
+    rank = node_rank * per_node + local_rank
+    return {'RANK': str(rank), 'LOCAL_RANK': str(local_rank), 'GROUP_RANK': str(node_rank),
+            'ROLE_RANK': str(rank), 'ROLE_NAME': 'default', 'LOCAL_WORLD_SIZE': str(per_node),
+            'WORLD_SIZE': str(nnodes * per_node), 'GROUP_WORLD_SIZE': str(nnodes),
+            'ROLE_WORLD_SIZE': str(nnodes * per_node), 'MASTER_ADDR': 'machine-a',
+            'MASTER_PORT': '29500', 'TORCHELASTIC_USE_AGENT_STORE': 'True',
+            'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0'}
+
+
+def test_two_machines_without_a_scheduler_are_one_run_of_sixteen_ranks():
+    plans = {(node, local): plan(torchrun_env(node, local)) for node in (0, 1)
+             for local in range(8)}
+    assert sorted(p.rank_offset for p in plans.values()) == list(range(16))  # each rank once
+    for (node, local), p in plans.items():
+        # one process per torchrun worker, joining through MASTER_ADDR:MASTER_PORT (env://),
+        # on the GPU of its local rank
+        assert (p.nprocs, p.world_size, p.init_method, p.slurm) == (1, 16, 'env://', False)
+        assert (p.rank_offset, p.device_index) == (node * 8 + local, local)
+    # rank 0, which writes checkpoint.pth and stats.txt, is on machine A (node rank 0)
+    assert plans[0, 0].rank_offset == 0 and plans[1, 0].rank_offset == 8
+    # a process given one GPU of its own (CUDA_VISIBLE_DEVICES per process) uses that one
+    assert plan(dict(torchrun_env(1, 5), CUDA_VISIBLE_DEVICES='5'), ngpus=1).device_index == 0
+    cpu = plan(torchrun_env(1, 1, per_node=2), 'cpu', 0)
+    assert (cpu.rank_offset, cpu.world_size, cpu.device_type) == (3, 4, 'cpu')
+    # torchrun's variables win over a SLURM allocation's left in the shell (salloc)
+    inside = plan(dict(SLURM_TWO_NODES, **torchrun_env(1, 2)))
+    assert (inside.rank_offset, inside.world_size, inside.slurm) == (10, 16, False)
+    # MASTER_ADDR without torchrun joins nothing: python main.py is each machine's own run
+    alone = plan({'MASTER_ADDR': 'machine-a', 'MASTER_PORT': '29500'})
+    assert (alone.nprocs, alone.world_size, alone.init_method) == \
+        (8, 8, 'tcp://localhost:{free_port}')
+
+
 def test_tasks_per_node_list_is_expanded():
     env = {'SLURM_STEP_TASKS_PER_NODE': '8(x2),4'}
     assert [distributed._tasks_on_node(env, n) for n in range(4)] == [8, 8, 4, None]
@@ -334,6 +371,32 @@ def test_two_nodes_train_and_requeue_on_sigusr1(tiny_imagefolder, tmp_path, scon
                                                       epochs=ckpt['epoch'] + 1)))
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert logged_steps(ckdir) == list(range(3 * ckpt['epoch'] + 3))  # none twice, none lost
+    assert (ckdir / 'resnet18.pth').exists()
+
+
+def test_two_machines_with_torchrun_train_as_one_run(tiny_imagefolder, tmp_path):
+    # The README's two commands, one per "machine" (here both on this one), with one CPU process
+    # each: torchrun's static rendezvous on the first machine's --master-addr/--master-port.
+    port = distributed.free_port()
+    ckdir = tmp_path / 'ck'
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('SLURM_', 'TORCHELASTIC_')) and
+           k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    env['OMP_NUM_THREADS'] = '1'
+    procs = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2',
+                               '--node-rank', str(node), '--nproc-per-node', '1',
+                               '--master-addr', 'localhost', '--master-port', str(port),
+                               str(ROOT / 'main.py'),
+                               *tiny_args(tiny_imagefolder, ckdir, epochs=1)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+             for node in (0, 1)]
+    results = finish(procs)
+    assert [rc for rc, _, _ in results] == [0, 0], results
+    assert 'world size 2' in results[0][1]  # machine A's process is rank 0 and logs the run
+    assert 'world size' not in results[1][1]
+    assert load_state(ckdir / 'checkpoint.pth')['epoch'] == 1
+    assert logged_steps(ckdir) == [0, 1, 2]  # 12 images, global batch 4: each step once
     assert (ckdir / 'resnet18.pth').exists()
 
 

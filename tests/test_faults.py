@@ -171,6 +171,19 @@ def test_last_batch_of_one_image_is_dropped_with_a_note(tiny_imagefolder, tmp_pa
     assert load_state(tmp_path / 'ck' / 'checkpoint.pth')['epoch'] == 1
 
 
+def test_main_notes_a_last_batch_of_two_images(tiny_imagefolder, tmp_path, capsys):
+    for k in (98, 99):  # 14 images, batch 4: 4 + 4 + 4 + 2
+        shutil.copyfile(tiny_imagefolder / 'train' / 'class_a' / 'class_a_0.JPEG',
+                        tiny_imagefolder / 'train' / 'class_a' / f'class_a_{k}.JPEG')
+    main.main(tiny_args(tiny_imagefolder, tmp_path / 'ck', epochs=1))
+    err = capsys.readouterr().err
+    assert 'last batch of 2 images' in err and '--drop-last' in err
+    _, stats = read_stats(tmp_path / 'ck')
+    assert [s['step'] for s in stats] == [0, 1, 2, 3]  # kept, as the reference keeps it
+    main.main(tiny_args(tiny_imagefolder, tmp_path / 'dropped', '--drop-last', epochs=1))
+    assert 'last batch of 2' not in capsys.readouterr().err
+
+
 def test_knn_monitor_skips_bad_images_and_never_costs_the_checkpoint(tiny_imagefolder, tmp_path,
                                                                      capsys):
     for bad in (tiny_imagefolder / 'train' / 'class_b' / 'class_b_3.JPEG',  # bank and training

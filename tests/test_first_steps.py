@@ -209,6 +209,27 @@ def test_demo_with_a_file_for_dir_fails_before_generating(tmp_path, capsys, monk
     assert target.read_text() == 'mine'
 
 
+def test_demo_data_of_an_earlier_version_is_generated_again_and_user_data_kept(tmp_path):
+    import data
+    small = dict(per_class=2, val_per_class=1, size=24)
+    earlier = make_image_folder(tmp_path / 'earlier', classes=('warm_disc', 'cool_ring'))
+    data.make_demo_dataset(earlier, **small)  # the first demo's folder: its classes tell
+    assert sorted(p.name for p in (earlier / 'train').iterdir()) == sorted(data.DEMO_SHAPES)
+    assert (earlier / data.DEMO_MARK).read_text() == data.DEMO_VERSION
+    assert sorted(p.name for p in earlier.iterdir()) == [data.DEMO_MARK, 'train', 'val']
+    first = sorted((earlier / 'val').rglob('*.JPEG'))
+    data.make_demo_dataset(earlier, **small)  # this version's: used as it is
+    assert sorted((earlier / 'val').rglob('*.JPEG')) == first
+    (earlier / data.DEMO_MARK).write_text('demo dataset 1\n')  # another version's mark
+    (first[0]).unlink()
+    data.make_demo_dataset(earlier, **small)
+    assert sorted((earlier / 'val').rglob('*.JPEG')) == first
+    mine = make_image_folder(tmp_path / 'mine', classes=('class_a', 'class_b'))
+    data.make_demo_dataset(mine, **small)  # the user's own data: never touched
+    assert sorted(p.name for p in (mine / 'train').iterdir()) == ['class_a', 'class_b']
+    assert not (mine / data.DEMO_MARK).exists()
+
+
 @pytest.mark.parametrize('cpus, workers', [(64, 8), (8, 8), (3, 3), (1, 1)])
 def test_default_workers_capped_at_usable_cpus(cpus, workers, monkeypatch, capsys):
     monkeypatch.setattr(cli, 'usable_cpus', lambda: cpus)

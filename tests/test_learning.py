@@ -13,7 +13,7 @@ import bench_learning
 import main
 import prepare_data
 from backbones import build_backbone
-from conftest import make_image_folder
+from conftest import ROOT, make_image_folder
 
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
 
@@ -105,9 +105,16 @@ def test_bench_learning_rows_are_the_backbones_and_pixels_they_name(tmp_path, ca
     assert '| raw pixels |' in out and 'pretrained minus the better random initialisation' in out
 
 
-def test_bench_learning_refuses_to_reuse_a_pretraining_folder(tmp_path):
+def test_bench_learning_refuses_a_pretraining_folder_that_holds_another_run(tmp_path, capfd):
+    # a rerun continues its own pretraining run (main.py resumes it); another kind of run in
+    # the folder is refused by main.py before anything is trained, and said
     data = make_image_folder(tmp_path / 'data', per_class=2, val_per_class=1, size=16)
-    (tmp_path / 'work' / 'pretrain').mkdir(parents=True)
-    with pytest.raises(SystemExit, match='pretrain exists: remove it, or evaluate its backbone '
-                                         'with --pretrained'):
+    run_dir = tmp_path / 'work' / 'pretrain'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'stats.txt').write_text(f"'{ROOT / 'evaluate.py'}' /data /x/resnet18.pth --knn\n"
+                                       '{"knn_top1": {"20": 50.0}}\n')
+    with pytest.raises(SystemExit, match='main.py failed'):
         bench_learning.main(['--data', str(data), '--work-dir', str(tmp_path / 'work')])
+    err = capfd.readouterr().err
+    assert f'{run_dir} holds a kNN run' in err and 'Traceback' not in err, err
+    assert not (run_dir / 'checkpoint.pth').exists()

@@ -13,7 +13,7 @@ import cli
 import distributed
 import main
 import ranks
-from conftest import ROOT
+from conftest import ROOT, SimulatedKill
 
 STATS_KEYS = {'epoch', 'step', 'lr_weights', 'lr_biases', 'loss', 'time'}  # the reference's
 
@@ -91,7 +91,7 @@ def crash_at_step(monkeypatch, crash_step):
 
     def set_rates(args, optimizer, step, steps_per_epoch):
         if step == crash_step:
-            raise KeyboardInterrupt('simulated kill')
+            raise SimulatedKill
         return real(args, optimizer, step, steps_per_epoch)
     monkeypatch.setattr(main, 'set_learning_rates', set_rates)
 
@@ -102,7 +102,7 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_imagefolder, tmp_path
 
     with monkeypatch.context() as m:
         crash_at_step(m, 4)  # in the middle of the second epoch
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SimulatedKill):
             main.main(tiny_args(tiny_imagefolder, broken, epochs=3, workers=1))
     assert load_state(broken / 'checkpoint.pth')['epoch'] == 1
     assert not (broken / 'resnet18.pth').exists()
@@ -145,7 +145,7 @@ def test_original_checkpoint_resumes(tiny_imagefolder, tmp_path, monkeypatch, ea
     main.main(tiny_args(tiny_imagefolder, straight, *flags))
     with monkeypatch.context() as m:
         crash_at_step(m, 3)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SimulatedKill):
             main.main(tiny_args(tiny_imagefolder, resumed, *flags))
     to_original_format(resumed / 'checkpoint.pth', earlier_release, monkeypatch)
 
@@ -420,7 +420,7 @@ def test_fast_augment_trains_and_resumes_mid_epoch_exactly(tiny_imagefolder, tmp
     main.main(tiny_args(tiny_imagefolder, straight, '--fast-augment', epochs=2))
     with monkeypatch.context() as m:
         crash_at_step(m, 4)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SimulatedKill):
             main.main(tiny_args(tiny_imagefolder, broken, '--fast-augment', '--checkpoint-every',
                                 '0s', epochs=2))
     assert load_state(broken / 'checkpoint.pth')['step_in_epoch'] == 1

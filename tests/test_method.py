@@ -371,6 +371,30 @@ def test_lars_zero_norms_use_ratio_one(variant, request):
     assert torch.equal(opt.state[p_still]['mu'], torch.zeros(3, 2, dtype=torch.float64))
 
 
+@pytest.mark.parametrize('variant', ['loop', 'foreach', 'compiled'])
+def test_lars_ratio_that_would_overflow_is_one_on_the_fast_paths(variant, request):
+    # float32: ||p|| = 1 and an update of norm 1e-42 (a denormal: what is left of a gradient
+    # that vanished, e.g. behind a BatchNorm over two samples) give eta * ||p|| / ||u|| = 1e39,
+    # beyond float32's 3.4e38: inf, and an inf step. --lars-foreach and --compile take ratio 1
+    # instead: the update as is. The default loop keeps the reference's arithmetic, inf.
+    p = nn.Parameter(torch.tensor([[1.0, 0.0]]))
+    opt = main.LARS([p], lr=0.1, weight_decay=0, weight_decay_filter=True,
+                    lars_adaptation_filter=True, **lars_variant(variant, request))
+    p.grad = torch.tensor([[0.0, 1e-42]])
+    assert float(1e-3 * p.detach().norm() / p.grad.norm()) == math.inf  # the overflow is real
+    opt.step()
+    if variant == 'loop':  # the reference's arithmetic, whatever it gives
+        p0, g0 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1e-42]])
+        one = torch.ones(())
+        q = torch.where(torch.norm(p0) > 0., torch.where(
+            torch.norm(g0) > 0, 1e-3 * torch.norm(p0) / torch.norm(g0), one), one)
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g0 * q, rtol=0, atol=0,
+                                   equal_nan=True)
+        return
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.detach(), torch.tensor([[1.0, -1e-43]]), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning-rate schedule
 # ---------------------------------------------------------------------------------------------

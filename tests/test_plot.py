@@ -1,4 +1,5 @@
-"""plot.py on the four kinds of logs: a column each, every series visible and on its own scale."""
+"""plot.py on the five kinds of logs: a column each, every series visible and on its own scale,
+epochs counted alike, measures taken once as bars."""
 import json
 
 import pytest
@@ -81,14 +82,66 @@ def test_single_point_evaluations_are_visible_and_overlaid(logs):
     assert set(lines_by_label(lr_right[0])) == {'semi/lr_backbone'}
 
 
-def test_knn_evaluations_are_plotted_against_k(logs):
+def test_knn_evaluations_are_bars_per_run_not_a_line_through_k(logs):
     fig = plot.figure([logs['knn']])
     (ax,) = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
-    lines = lines_by_label(ax)
-    assert set(lines) == {'a/resnet18.pth', 'b/resnet18.pth'}  # one line per evaluation
-    assert list(lines['b/resnet18.pth'].get_xdata()) == [20, 200]
-    assert list(lines['b/resnet18.pth'].get_ydata()) == [23.5, 21.5]
-    assert ax.get_xlabel() == 'k (neighbours)'
+    assert ax.get_lines() == []  # k is not time: no line joins k = 20 to k = 200
+    assert [t.get_text() for t in ax.get_xticklabels()] == ['k = 20', 'k = 200']
+    bars = {(round(b.get_x() + b.get_width() / 2), b.get_height()) for b in ax.patches}
+    assert bars == {(0, 19.0), (1, 17.0), (0, 23.5), (1, 21.5)}  # one bar per run and k
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ['a/resnet18.pth', 'b/resnet18.pth']  # one evaluation each
+    values = sorted(t.get_text() for t in ax.texts)
+    assert values == ['17.0', '19.0', '21.5', '23.5']  # each value written on its bar
+
+
+def test_fast_linear_probes_are_bars_of_top1_and_top5(tmp_path):
+    log = write_log(tmp_path / 'fast' / 'stats.txt', 'evaluate.py d ck/resnet18.pth '
+                    '--fast-linear', [dict(fast_linear=dict(acc1=61.5, acc5=90.0),
+                                           weight_decay=1e-6, train_size=12, val_size=4,
+                                           train_percent=100, features_time=1, time=2)])
+    fig = plot.figure([log])
+    (ax,) = [ax for ax in fig.axes if ax.axison]
+    assert ax.get_title() == 'fast linear probe'
+    assert [t.get_text() for t in ax.get_xticklabels()] == ['top-1', 'top-5']
+    assert sorted(b.get_height() for b in ax.patches) == [61.5, 90.0]
+
+
+def test_epochs_count_alike_in_every_panel(tmp_path):
+    """A 3-epoch linear probe logging step 0 only (--print-freq larger than the run): its
+    epoch lines give the loss (the epoch's mean, mid-epoch), the rates (over each epoch) and
+    the accuracies (at each epoch's end), all on one axis of epochs trained, from 0 to 3."""
+    records = [dict(epoch=0, step=0, lr_backbone=0, lr_classifier=0.3, loss=2.3, time=0)]
+    rates = [0.3, 0.225, 0.075]
+    records += [dict(epoch=e, acc1=10.0 * (e + 1), acc5=90.0, best_acc1=10.0 * (e + 1),
+                     best_acc5=90.0, train_loss=2.0 - e / 2, lr_classifier=rates[e],
+                     lr_backbone=0) for e in range(3)]
+    fig = plot.figure([write_log(tmp_path / 'stats.txt', 'evaluate.py d f.pth', records)])
+    loss_ax, lr_ax, acc_ax = fig.axes[:3]
+    loss = lines_by_label(loss_ax)
+    assert list(loss['loss'].get_xdata()) == [0]  # the one logged step: its value is written
+    assert [t.get_text() for t in loss_ax.texts] == ['2.3']
+    assert list(loss['train_loss (epoch mean)'].get_xdata()) == [0.5, 1.5, 2.5]
+    classifier = lines_by_label(lr_ax)['lr_classifier']
+    assert list(classifier.get_xdata()) == [0, 1, 1, 2, 2, 3]  # each rate over its epoch
+    assert list(classifier.get_ydata()) == [0.3, 0.3, 0.225, 0.225, 0.075, 0.075]
+    assert list(lines_by_label(acc_ax)['acc1'].get_xdata()) == [1, 2, 3]
+    assert all(ax.get_xlim() == loss_ax.get_xlim() for ax in (lr_ax, acc_ax))
+    assert acc_ax.get_xlabel() == 'epochs trained'
+
+
+def test_the_demos_closing_line_is_drawn_with_its_values(logs, tmp_path):
+    records = plot.read_stats(logs['pretraining'])
+    log = write_log(tmp_path / 'demo' / 'stats.txt', 'main.py --demo',
+                    [{k: v for k, v in r.items() if k != '_command'} for r in records]
+                    + [dict(demo_knn_top1_trained=37.7, demo_knn_top1_untrained=16.0,
+                            demo_knn_top1_default_init=46.3)])
+    fig = plot.figure([log])
+    acc_ax = fig.axes[2]
+    lines = lines_by_label(acc_ax)
+    trained = lines['kNN k=20: trained']
+    assert list(trained.get_xdata()) == [3] and list(trained.get_ydata()) == [37.7]  # run end
+    assert {'16', '37.7', '46.3'} <= {t.get_text() for t in acc_ax.texts}
 
 
 def test_wide_loss_ranges_get_a_log_axis_with_plain_ticks(tmp_path):

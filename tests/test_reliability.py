@@ -14,7 +14,7 @@ import cli
 import main
 import preemption
 import ranks
-from conftest import ROOT
+from conftest import ROOT, SimulatedKill
 from test_main import assert_same_tensors, crash_at_step, load_state, read_stats, tiny_args
 
 
@@ -32,7 +32,7 @@ def test_mid_epoch_checkpoint_resumes_exactly(tiny_imagefolder, tmp_path, monkey
     main.main(tiny_args(tiny_imagefolder, straight, epochs=3))
     with monkeypatch.context() as m:
         crash_at_step(m, 5)  # epoch 1 has run steps 3 and 4
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SimulatedKill):
             main.main(tiny_args(tiny_imagefolder, broken, '--checkpoint-every', '0s', epochs=3))
     ckpt = load_state(broken / 'checkpoint.pth')
     assert (ckpt['epoch'], ckpt['step_in_epoch']) == (1, 2)
@@ -313,12 +313,12 @@ def test_rollback_rewrites_the_checkpoint_with_the_new_rates(tiny_imagefolder, t
 
     def roll_back_then_crash(run, error):
         roll_back(run, error)
-        raise KeyboardInterrupt
+        raise SimulatedKill
 
     with monkeypatch.context() as m:
         poison_loss(m, from_call=4)
         m.setattr(main, 'roll_back', roll_back_then_crash)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SimulatedKill):
             main.main(tiny_args(tiny_imagefolder, ckdir, '--rollbacks', '3', epochs=3))
     ckpt = load_state(ckdir / 'checkpoint.pth')
     assert (ckpt['epoch'], ckpt['step_in_epoch'], ckpt['lr_scale'], ckpt['rollbacks_done']) == \
