@@ -333,6 +333,7 @@ def assert_compiled_trains_like_plain(plain_dir, compiled_dir):
         load_state(plain_dir / 'checkpoint.pth')['model'].keys()
 
 
+@pytest.mark.slow  # about a minute of compiling; tests/test_compiled_step.py covers one process
 def test_fast_with_compile_trains_like_without_on_two_processes(tiny_imagefolder, tmp_path):
     # --fast on two processes compiles the model inside DistributedDataParallel (minutes of CPU
     # compiling, cold): backbone, projector and loss, global BatchNorm's and the loss's
@@ -352,7 +353,7 @@ def test_fast_with_compile_trains_like_without_on_two_processes(tiny_imagefolder
         assert counts['graph_break'] == {} and counts['unique_graphs'] >= 2
 
 
-@pytest.mark.slow  # another cold compile; the two-process test above covers the compiled step
+@pytest.mark.slow  # another cold compile; tests/test_compiled_step.py covers the compiled step
 def test_fast_with_compile_trains_like_without_in_one_process(tiny_imagefolder, tmp_path):
     main.main(tiny_args(tiny_imagefolder, tmp_path / 'plain', *FAST_WITHOUT_COMPILE, epochs=1))
     main.main(tiny_args(tiny_imagefolder, tmp_path / 'compiled', '--fast', epochs=1))
@@ -450,6 +451,10 @@ def test_demo_ends_with_the_knn_gain_over_the_untrained_network(tiny_imagefolder
     for key, line in zip(keys, lines[1:]):
         assert gain[0][key] in (0.0, 25.0, 50.0, 75.0, 100.0)  # 4 held-out images
         assert line.split()[1] == f'{gain[0][key]:.1f}%'
+    # tests/readme_figures.py reads the README's demo figures from these lines
+    import readme_figures
+    for key, figure in zip(keys, [f for f in readme_figures.FIGURES if 'demo: kNN' in f]):
+        assert readme_figures.FIGURES[figure](out, 0.0) == gain[0][key]
 
 
 def test_the_demos_untrained_network_is_the_runs_initial_backbone():

@@ -221,3 +221,25 @@ def test_rules_cover_the_commands_as_expected():
         ['python a.py x --y 1']
     assert script_argv('torchrun --nproc-per-node 8 main.py DIR --device cpu') == \
         ('main.py', ['DIR', '--device', 'cpu'])
+
+
+def test_figures_table_is_read_and_every_figure_has_a_reader():
+    import readme_figures
+    rows = readme_figures.read_table(README)
+    figures = [figure for figure, *_ in rows]
+    assert len(figures) == len(set(figures)) == len(readme_figures.FIGURES)
+    for figure, (low, high), _, command in rows:
+        assert low <= high, figure
+        name, argv = script_argv(command) if 'pytest' not in command else (None, None)
+        if name is not None:
+            parse_only(name, argv)  # a command that no longer parses fails here
+    assert readme_figures.parse_range('1:52-2:22') == (112, 142)
+    assert readme_figures.parse_range('42.5-46.2%') == (42.5, 46.2)
+    assert readme_figures.parse_range('565') == (565, 565)
+    records = ('{"knn_top1": {"20": 42.5, "200": 40.0}}\n'
+               '{"epoch": 9, "acc1": 38.0, "acc5": 90.0, "best_acc1": 38.75}\n'
+               '565 passed, 3 skipped in 652.01s (0:10:52)\n')
+    readers = readme_figures.FIGURES
+    assert readers['evaluate.py --knn on the demo: top-1 (k = 20)'](records, 0) == 42.5
+    assert readers['evaluate.py linear probe on the demo: best top-1'](records, 0) == 38.75
+    assert readers['test suite: tests passed'](records, 0) == 565
