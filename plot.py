@@ -289,8 +289,12 @@ def lr_panel(ax, runs):
                     marker = {'marker': None} if spans else {}  # flat steps need no dots
                     lines += draw(axis, xs, ys, f'{prefix}{key}', linestyle=style, color=color,
                                   **marker)
-    ax.set_ylabel('learning rate (solid: left axis)')
-    right.set_ylabel('dashed: right axis')
+    if any(line.get_linestyle() == '--' for line in lines):
+        ax.set_ylabel('learning rate (solid: left axis)')
+        right.set_ylabel('dashed: right axis')
+    else:  # nothing on the right axis (a linear probe's classifier rate alone)
+        ax.set_ylabel('learning rate')
+        right.set_axis_off()
     ax.grid(alpha=0.3)
     if lines:
         ax.legend(lines, [line.get_label() for line in lines], fontsize='small')

@@ -80,6 +80,8 @@ def test_single_point_evaluations_are_visible_and_overlaid(logs):
     lr_right = [ax for ax in fig.axes if ax.get_ylabel() == 'dashed: right axis']
     assert len(lr_right) == 1  # lr_backbone 0 throughout (linear probe): left out, no axis
     assert set(lines_by_label(lr_right[0])) == {'semi/lr_backbone'}
+    # the linear probe's panel has nothing on a right axis, and says no such thing
+    assert [ax.get_ylabel() for ax in fig.axes].count('learning rate') == 1
 
 
 def test_knn_evaluations_are_bars_per_run_not_a_line_through_k(logs):
