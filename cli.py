@@ -151,6 +151,28 @@ def positive_ints(text):
     return values
 
 
+def setting_text(value):
+    """A setting as a command line writes it: a list or tuple joined by commas (a checkpoint's
+    JSON-like record turns tuples into lists), None as 'unset'."""
+    if isinstance(value, (tuple, list)):
+        return ','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value)
+    return 'unset' if value is None else str(value)
+
+
+def changed_settings(saved, now, names):
+    """[(name, recorded value, this run's value)] of the settings in `names` that `saved` (a
+    recorded args dict) holds with another value than `now` (a dict) has."""
+    return [(k, saved[k], now[k]) for k in names
+            if k in saved and setting_text(saved[k]) != setting_text(now[k])]
+
+
+def changes_text(changed):
+    """'--flag old then, new now; ...' (DIR for the dataset) of changed_settings()."""
+    return '; '.join(f'{"DIR" if k == "data" else "--" + k.replace("_", "-")} '
+                     f'{setting_text(old)} then, {setting_text(new)} now'
+                     for k, old, new in changed)
+
+
 def check_distinct(values, what):
     """An InputError naming the first of `values` (a list flag's, or files') given twice."""
     seen = set()

@@ -40,9 +40,9 @@ from augmentations import train_transform, val_transform
 from backbones import (ARCHS, build_backbone, describe_settings, load_backbone_state,
                        recorded_settings)
 from checkpoints import checkpoint_args, load_checkpoint_file, match_state_dict, save_atomic
-from cli import (USER_ERRORS, ArgumentParser, InputError, command_line, default_workers,
-                 error_line, non_negative_float, non_negative_int, positive_float, positive_int,
-                 positive_ints, read_lines, seed)
+from cli import (USER_ERRORS, ArgumentParser, InputError, changed_settings, changes_text,
+                 command_line, default_workers, error_line, non_negative_float,
+                 non_negative_int, positive_float, positive_int, positive_ints, read_lines, seed)
 from data import (EpochSampler, align_classes, ignore_stop_signals, image_folder,
                   make_eval_loader, seed_everything)
 from knn import KNN_KS, KNN_TEMPERATURE, extract_features, knn_evaluate
@@ -636,8 +636,7 @@ def resume(args, model, optimizer, scheduler, pretrained, order=None, digest=Non
         raise InputError(f'{path} was trained on another pretrained backbone than '
                          f'{args.pretrained}; use another --checkpoint-dir')
     names = [k for k in CHANGEABLE_SETTINGS if k != 'lr_backbone' or args.weights == 'finetune']
-    changed = [(k, saved[k], getattr(args, k)) for k in names
-               if k in saved and str(saved[k]) != str(getattr(args, k))]
+    changed = changed_settings(saved, vars(args), names)
     if scheduler.T_max != args.epochs and 'epochs' not in saved:  # the reference's records none
         changed.insert(0, ('epochs', scheduler.T_max, args.epochs))
     rates = [g['lr'] for g in optimizer.param_groups]  # of the epoch the checkpoint stopped in
@@ -679,10 +678,8 @@ def follow_settings(args, optimizer, scheduler):
 
 def changed_settings_note(path, args, changed, epoch, rates, optimizer):
     """One line: what changed since `path` was written, and the learning rates that follow."""
-    flags = '; '.join(f'{"DIR" if k == "data" else "--" + k.replace("_", "-")} {old} then, '
-                      f'{new} now' for k, old, new in changed)
     note = (f'note: resuming {path} at epoch {epoch} with settings changed since it was '
-            f'written, which apply from here on: {flags}')
+            f'written, which apply from here on: {changes_text(changed)}')
     if any(k in OPTIMIZER_SETTINGS for k, _, _ in changed):
         names = ('classifier', 'backbone')
         moves = ', '.join(f'{name} {old:.4g} -> {group["lr"]:.4g}' for name, old, group in
@@ -910,10 +907,9 @@ def check_fast_linear_rerun(args, info, digest):
     saved = load_checkpoint_file(path)
     saved = dict(saved.get('args') or {}) if isinstance(saved, dict) else {}
     now = dict(vars(args), pretrained_digest=digest)
-    differ = [('other pretrained weights' if k == 'pretrained_digest' else
-               f'{"DIR" if k == "data" else "--" + k.replace("_", "-")} {saved[k]} then, '
-               f'{now[k]} now')
-              for k in FAST_LINEAR_SETTINGS if k in saved and str(saved[k]) != str(now[k])]
+    changed = changed_settings(saved, now, FAST_LINEAR_SETTINGS)
+    differ = ['other pretrained weights' if change[0] == 'pretrained_digest'
+              else changes_text([change]) for change in changed]
     if differ:
         raise InputError(f'{path} was fitted with other settings ({"; ".join(differ)}); a fit '
                          f'would replace it: use another --checkpoint-dir')

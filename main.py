@@ -35,9 +35,10 @@ from augmentations import (IMAGENET_MEAN, IMAGENET_STD, CropTransform, FastTwoVi
 from backbones import ARCHS, build_backbone
 from checkpoints import (checkpoint_args, exclude_bias_and_norm, load_checkpoint_file,
                          match_state_dict, remove_temporaries, save_atomic)
-from cli import (USER_ERRORS, ArgumentParser, InputError, command_line, crop_scale,
-                 default_workers, duration, error_line, non_negative_float, non_negative_int,
-                 positive_float, positive_int, probability_pair, seed, unit_fraction)
+from cli import (USER_ERRORS, ArgumentParser, InputError, changed_settings, changes_text,
+                 command_line, crop_scale, default_workers, duration, error_line,
+                 non_negative_float, non_negative_int, positive_float, positive_int,
+                 probability_pair, seed, unit_fraction)
 from data import (EpochSampler, SeededSamples, ignore_stop_signals, image_folder,
                   make_demo_dataset, make_eval_loader, seed_everything)
 from monitor import OnlineProbe, Progress, StatsLog
@@ -977,7 +978,7 @@ def resume(args, model, optimizer, scaler, probe=None, order=None, steps_per_epo
         raise InputError(f'{path} has trained {done}, past --epochs {args.epochs}: give '
                          f'--epochs {epoch + 1 if step else epoch} or more to continue it, or '
                          f'another --checkpoint-dir')
-    changed = changed_settings(saved, args)
+    changed = changed_settings(saved, vars(args), CHANGEABLE_SETTINGS)
     if changed and steps_per_epoch and distributed.world_info()[0] == 0:
         print(changed_settings_note(path, args, changed, epoch, step, last_rate,
                                     steps_per_epoch), flush=True)
@@ -997,25 +998,10 @@ SCHEDULE_SETTINGS = ('epochs', 'warmup_epochs', 'batch_size', 'learning_rate',
                      'learning_rate_weights', 'learning_rate_biases')
 
 
-def setting_text(value):
-    if isinstance(value, (tuple, list)):
-        return ','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value)
-    return 'unset' if value is None else str(value)
-
-
-def changed_settings(saved, args, names=CHANGEABLE_SETTINGS):
-    """[(name, recorded value, this run's value)] of the settings that differ."""
-    return [(k, saved[k], getattr(args, k)) for k in names
-            if k in saved and setting_text(saved[k]) != setting_text(getattr(args, k))]
-
-
 def changed_settings_note(path, args, changed, epoch, step, last_rate, steps_per_epoch):
     """One line: what changed since `path` was written, and where the learning rate goes."""
-    flags = '; '.join(f'{"DIR" if k == "data" else "--" + k.replace("_", "-")} '
-                      f'{setting_text(old)} then, {setting_text(new)} now'
-                      for k, old, new in changed)
     note = (f'note: resuming {path} at epoch {epoch}, step {step} of the epoch, with settings '
-            f'changed since it was written, which apply from here on: {flags}')
+            f'changed since it was written, which apply from here on: {changes_text(changed)}')
     if any(k in SCHEDULE_SETTINGS for k, _, _ in changed) and \
             epoch * steps_per_epoch + step < args.epochs * steps_per_epoch:  # a step is left
         rate = learning_rate_schedule(epoch * steps_per_epoch + step, steps_per_epoch,
